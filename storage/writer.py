@@ -1,0 +1,342 @@
+"""Create a store and stream rows into it, whole shards at a time, on background threads.
+
+The writer receives batches of rows in any sample order (stage one batches by length) and
+assembles them in dataset order. Whenever the contiguous prefix covers a whole shard, that shard
+is compressed and written on a worker thread; once every layer's part of the shard is on disk its
+``progress`` row is written. A resumed run skips every shard that has its progress row, so the
+store ends up identical to an uninterrupted run as long as the caller feeds the same batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from storage.codecs import STORED_DTYPES, compressors_for
+from storage.errors import StoreExistsError, StoreSchemaError
+from storage.schema import STAT_FIELDS, Layout, check_metadata, make_metadata
+from storage.stats import merge_shard_stats, shard_stats
+
+log = logging.getLogger(__name__)
+SMALL_CHUNK = 1 << 20  # elements per chunk of the small 1-D arrays
+
+
+@dataclass
+class BatchRows:
+    """One batch of stage-one output, already cast to the stored dtype.
+
+    ``samples[i]`` owns the next ``rows_per_sample[i]`` rows of every array, in order.
+    """
+
+    samples: np.ndarray  # (B,) int64 sample indices
+    rows_per_sample: np.ndarray  # (B,) int64
+    layers: list[np.ndarray]  # per stored layer: (R, d) stored dtype
+    scales: list[np.ndarray] | None  # per stored layer: (R,) float32, int8 only
+    stats: np.ndarray  # (R, n_layers, 4) float32: per-row sum, sumsq, min, max
+
+
+@dataclass
+class _Segment:
+    rows: int
+    layers: list[np.ndarray] | None  # None marks rows of a shard already on disk
+    scales: list[np.ndarray] | None
+    stats: np.ndarray | None
+
+
+def _open_group(path: str, mode: str) -> zarr.Group:
+    return zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _existing_meta(path: str) -> dict[str, Any] | None:
+    try:
+        group = _open_group(path, "r")
+    except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError):
+        return None
+    meta = group.attrs.get("sidecache")
+    return meta if isinstance(meta, dict) else None
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(a) | set(b))
+    out: list[str] = []
+    for key in keys:
+        name = f"{prefix}{key}"
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, name + ".")
+        elif va != vb:
+            out.append(f"{name}: existing {va!r}, new {vb!r}")
+    return out
+
+
+def create_store(
+    path: str,
+    layout: Layout,
+    identity: dict[str, Any],
+    task: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+    *,
+    overwrite: bool = False,
+    threads: int = 2,
+) -> StoreWriter | None:
+    """Create (or resume) the store at ``path``; ``None`` when an identical store is complete.
+
+    ``arrays`` holds the small per-sample arrays: ``offsets``, ``token_offsets``,
+    ``token_ids``, ``labels`` and, when the layout says so, ``token_type_ids``.
+    """
+    target = Path(path)
+    meta = make_metadata(layout, identity, task)
+    existing = _existing_meta(path)
+    if existing is not None and not overwrite:
+        check_metadata(existing, path)
+        diffs = []
+        for key in ("layout", "identity", "task"):
+            diffs += _differences(existing[key], meta[key], key + ".")
+        if diffs:
+            raise StoreExistsError(
+                f"{path} already holds a store written with different settings ("
+                + "; ".join(diffs[:5])
+                + "); pass --overwrite to replace it, or choose another --out"
+            )
+        if existing.get("complete"):
+            return None
+        if existing.get("initialized"):
+            log.info("resuming the incomplete store at %s", path)
+            return StoreWriter(path, layout, threads=threads)
+        log.info("%s was interrupted while being created; starting it again", path)
+        overwrite = True
+    elif target.exists() and not overwrite and not _is_empty_dir(target):
+        raise StoreExistsError(
+            f"{path} exists and is not a sidecache store; refusing to write into it. "
+            "Pass --overwrite to replace it, or choose another --out"
+        )
+    if overwrite and target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    _initialise(path, layout, meta, arrays)
+    return StoreWriter(path, layout, threads=threads)
+
+
+def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[str, Any]) -> None:
+    group = _open_group(path, "w")
+    group.attrs["sidecache"] = meta  # "initialized" stays false until every array exists
+    zdtype = STORED_DTYPES[layout.dtype]
+    for layer in layout.layers:
+        group.create_array(
+            f"hidden/{layer}",
+            shape=(layout.n_rows, layout.hidden_size),
+            dtype=zdtype,
+            chunks=(layout.chunk_rows, layout.hidden_size),
+            shards=(layout.shard_rows, layout.hidden_size),
+            compressors=compressors_for(layout.codec, zdtype),
+            fill_value=0,
+            dimension_names=["row", "channel"],
+            config={"write_empty_chunks": True},
+        )
+        if layout.dtype == "int8":
+            group.create_array(
+                f"scales/{layer}",
+                shape=(layout.n_rows,),
+                dtype="float32",
+                chunks=(layout.chunk_rows,),
+                shards=(layout.shard_rows,),
+                compressors=compressors_for(layout.codec, "float32"),
+                fill_value=0,
+                dimension_names=["row"],
+                config={"write_empty_chunks": True},
+            )
+    group.create_array(
+        "progress",
+        shape=(layout.n_shards, len(layout.layers), len(STAT_FIELDS)),
+        dtype="float64",
+        chunks=(1, len(layout.layers), len(STAT_FIELDS)),
+        compressors=compressors_for(layout.codec, "float64"),
+        fill_value=float("nan"),
+        dimension_names=["shard", "layer", "stat"],
+    )
+    names = ["offsets", "token_offsets", "token_ids", "labels"]
+    if layout.has_token_type_ids:
+        names.append("token_type_ids")
+    for name in names:
+        data = np.ascontiguousarray(arrays[name])
+        group.create_array(
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=(max(1, min(SMALL_CHUNK, data.shape[0])),),
+            compressors=compressors_for(layout.codec, str(data.dtype)),
+            fill_value=0,
+        )[...] = data
+    meta = dict(meta, initialized=True)
+    group.attrs["sidecache"] = meta
+
+
+class StoreWriter:
+    """Streams :class:`BatchRows` into the shards of an initialised, incomplete store."""
+
+    def __init__(self, path: str, layout: Layout, *, threads: int = 2, max_pending: int = 2):
+        self.path = path
+        self.layout = layout
+        self.group = _open_group(path, "r+")
+        meta = check_metadata(self.group.attrs.get("sidecache"), path)
+        if Layout.from_json(meta["layout"]) != layout:
+            raise StoreSchemaError(f"{path}: layout on disk differs from the writer's layout")
+        self.offsets = np.asarray(self.group["offsets"][...], dtype=np.int64)
+        self._arrays = [self.group[f"hidden/{layer}"] for layer in layout.layers]
+        self._scales = (
+            [self.group[f"scales/{layer}"] for layer in layout.layers]
+            if layout.dtype == "int8"
+            else None
+        )
+        self._progress = self.group["progress"]
+        self.done = self._read_done()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sidecache-write")
+        self._slots = threading.BoundedSemaphore(max_pending + threads)
+        self._futures: list[Future[None]] = []
+        self._pending: dict[int, _Segment] = {}
+        self._next_sample = 0
+        self._tail: list[_Segment] = []
+        self._tail_rows = 0
+        self._next_shard = 0
+        self.rows_written = 0
+
+    # -- what still has to be computed ------------------------------------------------------
+    def _read_done(self) -> np.ndarray:
+        done = np.zeros(self.layout.n_shards, dtype=bool)
+        for shard in range(self.layout.n_shards):
+            try:
+                row = np.asarray(self._progress[shard])
+            except Exception:  # a torn progress chunk counts as not done
+                continue
+            done[shard] = bool(np.isfinite(row).all())
+        return done
+
+    def needed_samples(self) -> np.ndarray:
+        """Boolean mask of the samples whose rows touch a shard that is not on disk yet."""
+        starts, stops = self.offsets[:-1], self.offsets[1:]
+        first = starts // self.layout.shard_rows
+        last = np.maximum(stops - 1, starts) // self.layout.shard_rows
+        todo = ~self.done
+        cum = np.concatenate([[0], np.cumsum(todo)])
+        return (cum[last + 1] - cum[first]) > 0
+
+    # -- streaming -------------------------------------------------------------------------
+    def skip(self, samples: Sequence[int] | np.ndarray) -> None:
+        """Declare samples that will not be computed (their shards are already on disk)."""
+        for s in np.asarray(samples, dtype=np.int64):
+            rows = int(self.offsets[s + 1] - self.offsets[s])
+            self._pending[int(s)] = _Segment(rows, None, None, None)
+        self._advance()
+
+    def put(self, batch: BatchRows) -> None:
+        """Hand over one batch; blocks only while too many shards wait for the disk."""
+        self._raise_failures()
+        bounds = np.concatenate([[0], np.cumsum(batch.rows_per_sample)])
+        for i, sample in enumerate(batch.samples.tolist()):
+            a, b = int(bounds[i]), int(bounds[i + 1])
+            expected = int(self.offsets[sample + 1] - self.offsets[sample])
+            if b - a != expected:
+                raise ValueError(f"sample {sample}: got {b - a} rows, layout says {expected}")
+            self._pending[sample] = _Segment(
+                b - a,
+                [x[a:b] for x in batch.layers],
+                None if batch.scales is None else [s[a:b] for s in batch.scales],
+                batch.stats[a:b],
+            )
+        self._advance()
+
+    def _advance(self) -> None:
+        while self._next_sample in self._pending:
+            seg = self._pending.pop(self._next_sample)
+            self._tail.append(seg)
+            self._tail_rows += seg.rows
+            self._next_sample += 1
+        finished = self._next_sample == self.layout.n_samples
+        while self._tail_rows >= self.layout.shard_rows or (finished and self._tail_rows > 0):
+            self._cut_shard()
+
+    def _cut_shard(self) -> None:
+        start, stop = self.layout.shard_range(self._next_shard)
+        need, parts = stop - start, []
+        while need > 0:
+            seg = self._tail[0]
+            if seg.rows <= need:
+                parts.append(self._tail.pop(0))
+                need -= seg.rows
+            else:
+                parts.append(_slice(seg, 0, need))
+                self._tail[0] = _slice(seg, need, seg.rows)
+                need = 0
+        self._tail_rows -= stop - start
+        shard, self._next_shard = self._next_shard, self._next_shard + 1
+        if self.done[shard]:
+            return
+        if any(p.layers is None for p in parts):
+            raise RuntimeError(f"shard {shard} is not on disk but some of its rows were skipped")
+        self._slots.acquire()
+        self._futures.append(self._pool.submit(self._write_shard, shard, parts))
+
+    def _write_shard(self, shard: int, parts: list[_Segment]) -> None:
+        try:
+            start, stop = self.layout.shard_range(shard)
+            for j, arr in enumerate(self._arrays):
+                arr[start:stop] = np.concatenate([p.layers[j] for p in parts])  # type: ignore[index]
+                if self._scales is not None:
+                    scales = np.concatenate([p.scales[j] for p in parts])  # type: ignore[index]
+                    self._scales[j][start:stop] = scales
+            stats = np.concatenate([p.stats for p in parts])  # type: ignore[misc]
+            self._progress[shard] = shard_stats(stats)
+            self.rows_written += stop - start
+        finally:
+            self._slots.release()
+
+    def _raise_failures(self) -> None:
+        for fut in self._futures:
+            if fut.done() and fut.exception() is not None:
+                self.abort()
+                raise fut.exception()  # type: ignore[misc]
+        self._futures = [f for f in self._futures if not f.done()]
+
+    # -- ending ----------------------------------------------------------------------------
+    def abort(self) -> None:
+        """Stop without finalising; everything already on disk stays resumable."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> dict[str, Any]:
+        """Wait for the disk, check every shard is recorded, then mark the store complete."""
+        if self._next_sample != self.layout.n_samples or self._tail_rows:
+            self.abort()
+            raise RuntimeError(
+                f"stage one ended after {self._next_sample} of {self.layout.n_samples} samples"
+            )
+        self._pool.shutdown(wait=True)
+        self._raise_failures()
+        progress = np.stack([np.asarray(self._progress[s]) for s in range(self.layout.n_shards)])
+        if not np.isfinite(progress).all():
+            raise RuntimeError("some shards have no progress record; the store stays incomplete")
+        stats = merge_shard_stats(progress, self.layout)
+        meta = dict(self.group.attrs["sidecache"])
+        meta.update(stats=stats, complete=True)
+        self.group.attrs["sidecache"] = meta
+        return meta
+
+
+def _slice(seg: _Segment, a: int, b: int) -> _Segment:
+    return _Segment(
+        b - a,
+        None if seg.layers is None else [x[a:b] for x in seg.layers],
+        None if seg.scales is None else [s[a:b] for s in seg.scales],
+        None if seg.stats is None else seg.stats[a:b],
+    )
