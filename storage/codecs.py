@@ -17,7 +17,7 @@ Every chunk ends in a crc32c checksum, so a flipped byte is detected on read.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
@@ -86,7 +86,7 @@ def compressors_for(spec: CodecSpec, zarr_dtype: str) -> list[Any]:
     """The zarr v3 bytes-to-bytes codecs for one array: a compressor, then a crc32c checksum."""
     size = int(np.dtype(zarr_dtype).itemsize)
     # bit-shuffle suits activations (near-random mantissas, structured exponents)
-    shuffle = "bitshuffle" if size <= 2 else "shuffle"
+    shuffle: Literal["bitshuffle", "shuffle"] = "bitshuffle" if size <= 2 else "shuffle"
     codecs: list[Any] = []
     if spec.name == "blosc-zstd":
         codecs.append(BloscCodec(cname="zstd", clevel=spec.level, shuffle=shuffle, typesize=size))

@@ -133,9 +133,21 @@ class StoreReader:
         chosen = self.layout.layers if layers is None else layers
         return np.stack([self.rows(layer, a, b) for layer in chosen], axis=1)
 
+    def raw_scales(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """Stored int8 scales of rows ``[start, stop)``."""
+        return np.asarray(self._read(f"scales/{layer}", slice(start, stop)))
+
+    def all_tokens(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """Every stored token id (and segment id, when stored), packed."""
+        types = None
+        if self.layout.has_token_type_ids:
+            types = np.asarray(self._read("token_type_ids", ...))
+        return np.asarray(self._read("token_ids", ...)), types
+
     def _read(self, name: str, selection: Any) -> Any:
         try:
-            return self.group[name][selection]
+            arr: Any = self.group[name]
+            return arr[selection]
         except KeyError as exc:
             raise StoreCorruptError(f"{self.path}: array {name!r} is missing") from exc
         except (ValueError, RuntimeError, OSError) as exc:

@@ -38,7 +38,8 @@ def parse_positions(value: str) -> str:
     key = value.strip().lower()
     if key not in POSITIONS:
         raise ConfigError(
-            f"unknown positions {value!r}: expected one of {', '.join(POSITIONS)} (flag --positions)"
+            f"unknown positions {value!r}: expected one of {', '.join(POSITIONS)} "
+            "(flag --positions)"
         )
     return key
 

@@ -56,6 +56,11 @@ def _open_group(path: str, mode: str) -> zarr.Group:
     return zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
 
 
+def array(group: zarr.Group, name: str) -> Any:
+    """The array ``name`` of ``group`` (typed ``Any``: zarr's getitem returns Array | Group)."""
+    return group[name]
+
+
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
@@ -171,14 +176,15 @@ def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[st
         names.append("token_type_ids")
     for name in names:
         data = np.ascontiguousarray(arrays[name])
-        group.create_array(
+        small = group.create_array(
             name,
             shape=data.shape,
             dtype=data.dtype,
             chunks=(max(1, min(SMALL_CHUNK, data.shape[0])),),
             compressors=compressors_for(layout.codec, str(data.dtype)),
             fill_value=0,
-        )[...] = data
+        )
+        small[...] = data
     meta = dict(meta, initialized=True)
     group.attrs["sidecache"] = meta
 
@@ -193,14 +199,14 @@ class StoreWriter:
         meta = check_metadata(self.group.attrs.get("sidecache"), path)
         if Layout.from_json(meta["layout"]) != layout:
             raise StoreSchemaError(f"{path}: layout on disk differs from the writer's layout")
-        self.offsets = np.asarray(self.group["offsets"][...], dtype=np.int64)
-        self._arrays = [self.group[f"hidden/{layer}"] for layer in layout.layers]
+        self.offsets = np.asarray(array(self.group, "offsets")[...], dtype=np.int64)
+        self._arrays = [array(self.group, f"hidden/{layer}") for layer in layout.layers]
         self._scales = (
-            [self.group[f"scales/{layer}"] for layer in layout.layers]
+            [array(self.group, f"scales/{layer}") for layer in layout.layers]
             if layout.dtype == "int8"
             else None
         )
-        self._progress = self.group["progress"]
+        self._progress = array(self.group, "progress")
         self.done = self._read_done()
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sidecache-write")
         self._slots = threading.BoundedSemaphore(max_pending + threads)
@@ -296,7 +302,7 @@ class StoreWriter:
                 if self._scales is not None:
                     scales = np.concatenate([p.scales[j] for p in parts])  # type: ignore[index]
                     self._scales[j][start:stop] = scales
-            stats = np.concatenate([p.stats for p in parts])  # type: ignore[misc]
+            stats = np.concatenate([p.stats for p in parts])
             self._progress[shard] = shard_stats(stats)
             self.rows_written += stop - start
         finally:
@@ -327,7 +333,7 @@ class StoreWriter:
         if not np.isfinite(progress).all():
             raise RuntimeError("some shards have no progress record; the store stays incomplete")
         stats = merge_shard_stats(progress, self.layout)
-        meta = dict(self.group.attrs["sidecache"])
+        meta: dict[str, Any] = dict(self.group.attrs["sidecache"])  # type: ignore[arg-type]
         meta.update(stats=stats, complete=True)
         self.group.attrs["sidecache"] = meta
         return meta

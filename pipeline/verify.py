@@ -1,0 +1,112 @@
+"""``sidecache verify``: re-run the recorded backbone on random samples and compare with the store.
+
+The batches are re-planned from the stored token lengths and the recorded plan settings, so each
+checked sample is recomputed inside exactly the batch it was stored from. On the device type the
+store was written on, float32, float16 and bfloat16 (and int8) rows must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from pipeline.backbone import load_backbone
+from pipeline.errors import StoreMismatchError, VerifyError
+from pipeline.extract import encode, forward_rows, make_batch
+from pipeline.tokens import PlanSettings, Tokenized, plan_batches
+from storage import StoreReader, decode_rows, open_store
+
+log = logging.getLogger(__name__)
+
+
+def stored_tokens(reader: StoreReader) -> Tokenized:
+    ids, types = reader.all_tokens()
+    return Tokenized(ids=ids, type_ids=types, offsets=reader.token_offsets)
+
+
+def stored_plan(reader: StoreReader, tok: Tokenized) -> list[np.ndarray]:
+    ex = reader.identity["extraction"]
+    settings = PlanSettings(int(ex["token_budget"]), int(ex["max_batch"]), int(ex["window_rows"]))
+    return plan_batches(tok.lengths, np.diff(reader.offsets), settings)
+
+
+def check_backbone_identity(
+    reader: StoreReader, found: dict[str, Any], tokenizer: dict[str, Any]
+) -> None:
+    want = reader.identity["backbone"]
+    for key in ("config_hash", "weights_hash"):
+        if want[key] != found[key]:
+            raise StoreMismatchError(
+                f"{reader.path} was written by backbone {want['name']!r} with {key} "
+                f"{want[key][:12]}..., but the loaded backbone has {found[key][:12]}...; pass the "
+                "same --backbone (and --revision) that wrote the store"
+            )
+    if reader.identity["tokenizer"]["hash"] != tokenizer["hash"]:
+        raise StoreMismatchError(f"{reader.path}: the tokenizer differs from the one that wrote it")
+
+
+def run_verify(
+    path: str, samples: int = 8, device: str = "auto", seed: int = 0, backbone: str | None = None
+) -> dict[str, Any]:
+    """Recompute ``samples`` random samples; raise :class:`VerifyError` on any difference."""
+    reader = open_store(path)
+    ident = reader.identity
+    bb = load_backbone(backbone or ident["backbone"]["name"], device, ident["backbone"]["revision"])
+    check_backbone_identity(reader, bb.identity, bb.tokenizer_identity)
+    lay = reader.layout
+    exact = ident["extraction"]["device"] == bb.device.type
+    if not exact:
+        log.warning(
+            "store written on %s, verifying on %s: comparing with a tolerance",
+            ident["extraction"]["device"],
+            bb.device.type,
+        )
+    tok = stored_tokens(reader)
+    batches = stored_plan(reader, tok)
+    owner = np.empty(lay.n_samples, dtype=np.int64)
+    for i, b in enumerate(batches):
+        owner[b] = i
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.choice(lay.n_samples, size=min(samples, lay.n_samples), replace=False))
+    problems: list[str] = []
+    max_err = {layer: 0.0 for layer in lay.layers}
+    for bi in sorted(set(owner[chosen].tolist())):
+        batch = make_batch(tok, batches[bi], bb.device)
+        rows = forward_rows(bb, batch, lay.layers, lay.positions)
+        per = np.diff(reader.offsets)[batches[bi]]
+        bounds = np.concatenate([[0], np.cumsum(per)])
+        for pos, sample in enumerate(batches[bi].tolist()):
+            if sample not in chosen:
+                continue
+            start, stop = int(reader.offsets[sample]), int(reader.offsets[sample + 1])
+            for j, layer in enumerate(lay.layers):
+                fresh = rows[j][bounds[pos] : bounds[pos + 1]]
+                data, scale = encode(fresh, lay.dtype)
+                stored = reader.raw_rows(layer, start, stop)
+                decoded = reader.rows(layer, start, stop)
+                err = float(np.abs(decoded - fresh.cpu().numpy()).max())
+                max_err[layer] = max(max_err[layer], err)
+                same = np.array_equal(stored, data)
+                if scale is not None:
+                    same = same and np.array_equal(reader.raw_scales(layer, start, stop), scale)
+                if exact and not same:
+                    problems.append(f"sample {sample} layer {layer}")
+                elif not exact and not np.allclose(
+                    decoded, decode_rows(data, lay.dtype, scale), rtol=2e-2, atol=2e-2
+                ):
+                    problems.append(f"sample {sample} layer {layer} (max error {err:.3g})")
+    report = {
+        "store": path,
+        "samples_checked": len(chosen),
+        "exact": exact,
+        "mismatches": problems,
+        "max_abs_error_vs_float32": {str(k): v for k, v in max_err.items()},
+    }
+    if problems:
+        raise VerifyError(
+            f"{path}: {len(problems)} stored vectors differ from a fresh forward pass: "
+            + ", ".join(problems[:10])
+        )
+    return report

@@ -1,0 +1,1 @@
+"""Thin entry points, one per stage: ``main(argv) -> int`` parses flags, calls the library."""

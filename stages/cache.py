@@ -1,0 +1,84 @@
+"""``sidecache cache``: stage one (run the backbone once, write the store)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from pipeline.backbone import DEFAULT_BACKBONE
+from pipeline.cache import CacheConfig, run_cache
+from pipeline.data import ColumnOptions
+
+log = logging.getLogger(__name__)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidecache cache",
+        description="Run a frozen backbone once and store its hidden states.",
+    )
+    p.add_argument(
+        "--backbone",
+        default=DEFAULT_BACKBONE,
+        help="local model folder, hub id, or 'minilm' (default, shipped on PyPI)",
+    )
+    p.add_argument("--revision", default=None, help="hub revision of the backbone")
+    p.add_argument(
+        "--data",
+        default="bbc",
+        help="bbc | glue:DIR | hf:NAME[:CONFIG] | csv:PATH | jsonl:PATH | parquet:PATH",
+    )
+    p.add_argument("--split", default="train", help="train, dev, ... (default train)")
+    p.add_argument("--out", required=True, help="store to write (a folder)")
+    p.add_argument("--layers", default="all", help="all, or comma list like 0,3,-1")
+    p.add_argument("--positions", default="all", help="all | first | last | mean")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | int8")
+    p.add_argument(
+        "--codec", default="blosc-zstd:3", help="blosc-zstd | blosc-lz4 | zstd | none [:LEVEL]"
+    )
+    p.add_argument("--max-length", type=int, default=None, help="truncate samples to N tokens")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever is at --out")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--text-pair-column", default=None)
+    p.add_argument("--label-column", default=None)
+    p.add_argument("--token-budget", type=int, default=4096, help="padded tokens per batch")
+    p.add_argument("--max-batch", type=int, default=256, help="samples per batch at most")
+    p.add_argument("--chunk-mb", type=float, default=4.0, help="target chunk size")
+    p.add_argument("--shard-chunks", type=int, default=8, help="chunks per shard file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the store summary as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = CacheConfig(
+        backbone=args.backbone,
+        revision=args.revision,
+        data=args.data,
+        split=args.split,
+        out=args.out,
+        layers=args.layers,
+        positions=args.positions,
+        dtype=args.dtype,
+        codec=args.codec,
+        max_length=args.max_length,
+        device=args.device,
+        overwrite=args.overwrite,
+        columns=ColumnOptions(args.text_column, args.text_pair_column, args.label_column),
+        token_budget=args.token_budget,
+        max_batch=args.max_batch,
+        chunk_mb=args.chunk_mb,
+        shard_chunks=args.shard_chunks,
+        progress=not args.no_progress,
+    )
+    summary = run_cache(cfg)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        from stages.inspect import format_summary
+
+        print(format_summary(summary))
+    return 0
