@@ -47,7 +47,7 @@ class CacheConfig:
     columns: ColumnOptions = field(default_factory=ColumnOptions)
     token_budget: int = 4096
     max_batch: int = 256
-    window_mb: int = 256
+    window_mb: float = 256.0
     chunk_mb: float = 4.0
     shard_chunks: int = 8
     writer_threads: int = 2
@@ -83,7 +83,7 @@ def build_layout(
 
 def plan_settings(cfg: CacheConfig, bb: Backbone, n_layers: int) -> PlanSettings:
     row_bytes = bb.hidden_size * itemsize(cfg.dtype) * n_layers
-    window_rows = max(1024, cfg.window_mb * (1 << 20) // row_bytes)
+    window_rows = max(1, int(cfg.window_mb * (1 << 20)) // row_bytes)
     return PlanSettings(cfg.token_budget, cfg.max_batch, int(window_rows))
 
 

@@ -45,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default=None)
     p.add_argument("--token-budget", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--max-batch", type=int, default=256, help="samples per batch at most")
+    p.add_argument("--window-mb", type=float, default=256.0,
+                   help="samples are length-sorted within windows of this many stored MB")
+    p.add_argument("--writer-threads", type=int, default=2, help="compression/write threads")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="target chunk size")
     p.add_argument("--shard-chunks", type=int, default=8, help="chunks per shard file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         columns=ColumnOptions(args.text_column, args.text_pair_column, args.label_column),
         token_budget=args.token_budget,
         max_batch=args.max_batch,
+        window_mb=args.window_mb,
+        writer_threads=args.writer_threads,
         chunk_mb=args.chunk_mb,
         shard_chunks=args.shard_chunks,
         progress=not args.no_progress,

@@ -317,8 +317,9 @@ class StoreWriter:
 
     # -- ending ----------------------------------------------------------------------------
     def abort(self) -> None:
-        """Stop without finalising; everything already on disk stays resumable."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop without finalising: shards already handed over are still written (they are
+        correct and complete), so a resumed run has less to redo."""
+        self._pool.shutdown(wait=True)
 
     def close(self) -> dict[str, Any]:
         """Wait for the disk, check every shard is recorded, then mark the store complete."""

