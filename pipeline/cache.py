@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.backbone import Backbone, load_backbone, parse_layers
-from pipeline.data import ColumnOptions, TextData, describe, load_data
+from pipeline.data import ColumnOptions, TextData, describe, head, load_data
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_rows, make_batch
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
@@ -44,6 +44,7 @@ class CacheConfig:
     device: str = "auto"
     overwrite: bool = False
     revision: str | None = None
+    limit: int | None = None
     columns: ColumnOptions = field(default_factory=ColumnOptions)
     token_budget: int = 4096
     max_batch: int = 256
@@ -120,7 +121,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     """Stage one end to end; returns the store summary. Resumes an interrupted store."""
     cfg.dtype, cfg.positions = parse_dtype(cfg.dtype), parse_positions(cfg.positions)
     validate(cfg)
-    data = load_data(cfg.data, cfg.split, cfg.columns)
+    data = head(load_data(cfg.data, cfg.split, cfg.columns), cfg.limit)
     bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
     layers = parse_layers(cfg.layers, bb.n_layers)
     max_length = min(cfg.max_length or bb.max_length, bb.max_length)

@@ -46,6 +46,7 @@ class TextData:
     labels: np.ndarray  # (N,) int64 class ids or float32 targets
     task: dict[str, Any]  # name, type, num_labels, label_names
     fingerprint: str = field(default="")
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if not self.texts:
@@ -58,6 +59,24 @@ class TextData:
 
     def __len__(self) -> int:
         return len(self.texts)
+
+
+def head(data: TextData, limit: int | None) -> TextData:
+    """The first ``limit`` samples (all when ``limit`` is None); the fingerprint follows."""
+    if limit is None or limit >= len(data):
+        return data
+    if limit < 1:
+        raise DataSpecError(f"--limit must be at least 1, found {limit}")
+    pairs = None if data.pairs is None else data.pairs[:limit]
+    return TextData(
+        data.spec,
+        data.split,
+        data.texts[:limit],
+        pairs,
+        data.labels[:limit],
+        data.task,
+        limit=limit,
+    )
 
 
 def fingerprint(texts: list[str], pairs: list[str] | None, labels: np.ndarray) -> str:
@@ -253,11 +272,14 @@ def _load_hf(rest: str, split: str, columns: ColumnOptions, spec: str) -> TextDa
 def _load_file(kind: str, rest: str, split: str, columns: ColumnOptions, spec: str) -> TextData:
     import datasets
 
-    split = normalise_split(split)
-    path = Path(rest.replace("{split}", split))
     ext = {"csv": "csv", "jsonl": "jsonl", "json": "jsonl", "parquet": "parquet"}[kind]
-    if path.is_dir():
-        path = path / f"{split}.{ext}"
+    names = [split, normalise_split(split)] + (
+        ["validation"] if normalise_split(split) == "dev" else []
+    )
+    candidates = [Path(rest.replace("{split}", name)) for name in names]
+    candidates = [p / f"{name}.{ext}" if p.is_dir() else p for p, name in zip(candidates, names)]
+    path = next((p for p in candidates if p.is_file()), candidates[0])
+    split = normalise_split(split)
     if not path.is_file():
         raise DataSpecError(
             f"data file {str(path)!r} does not exist (spec {spec!r}, split {split!r}); give a "
@@ -267,6 +289,10 @@ def _load_file(kind: str, rest: str, split: str, columns: ColumnOptions, spec: s
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as exc:
+        if "corresponds to no data" in str(exc):
+            raise DataSpecError(
+                f"split {split!r} of {spec!r} has no rows: {str(path)!r} holds no data rows"
+            ) from exc
         raise DataSpecError(f"could not read {str(path)!r} as {ext}: {exc}") from exc
     return _from_table(ds, spec, split, columns, task_name=path.stem)
 
@@ -311,6 +337,12 @@ def _labels(ds: Any, column: str, spec: str, task_name: str) -> tuple[np.ndarray
     feature = ds.features[column]
     values = list(ds[column])
     names = getattr(feature, "names", None)
+    missing = [i for i, v in enumerate(values) if v is None]
+    if missing:
+        raise DataSpecError(
+            f"{spec}: label column {column!r} has {len(missing)} NaN or missing values (first at "
+            f"row {missing[0]}); every training example needs a label"
+        )
     if names:
         labels = np.asarray(values, dtype=np.int64)
         if (labels < 0).any():
@@ -355,6 +387,7 @@ def describe(data: TextData) -> dict[str, Any]:
         "spec": data.spec,
         "split": data.split,
         "n_samples": len(data),
+        "limit": data.limit,
         "fingerprint": data.fingerprint,
         "pairs": data.pairs is not None,
     }

@@ -30,6 +30,7 @@ def parser() -> argparse.ArgumentParser:
         help="bbc | glue:DIR | hf:NAME[:CONFIG] | csv:PATH | jsonl:PATH | parquet:PATH",
     )
     p.add_argument("--split", default="train", help="train, dev, ... (default train)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
     p.add_argument("--out", required=True, help="store to write (a folder)")
     p.add_argument("--layers", default="all", help="all, or comma list like 0,3,-1")
     p.add_argument("--positions", default="all", help="all | first | last | mean")
@@ -45,8 +46,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--label-column", default=None)
     p.add_argument("--token-budget", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--max-batch", type=int, default=256, help="samples per batch at most")
-    p.add_argument("--window-mb", type=float, default=256.0,
-                   help="samples are length-sorted within windows of this many stored MB")
+    p.add_argument(
+        "--window-mb",
+        type=float,
+        default=256.0,
+        help="samples are length-sorted within windows of this many stored MB",
+    )
     p.add_argument("--writer-threads", type=int, default=2, help="compression/write threads")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="target chunk size")
     p.add_argument("--shard-chunks", type=int, default=8, help="chunks per shard file")
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         revision=args.revision,
         data=args.data,
         split=args.split,
+        limit=args.limit,
         out=args.out,
         layers=args.layers,
         positions=args.positions,

@@ -27,7 +27,10 @@ def hf_rows(model_path: str, store: str) -> dict[int, list[np.ndarray]]:
     out: dict[int, list[Any]] = {layer: [None] * lay.n_samples for layer in lay.layers}
     for samples in stored_plan(reader, tok):
         batch = make_batch(tok, samples, bb.device)
-        kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        kwargs: dict[str, Any] = {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+        }
         if bb.takes_token_type_ids:
             kwargs["token_type_ids"] = batch.token_type_ids
         with torch.inference_mode():
@@ -86,7 +89,9 @@ def test_single_position_stores_hold_the_rows_of_the_all_store(model_dir, glue_d
     full = open_store(all_store)
     for positions in ("first", "last", "mean"):
         out = tmp_path / positions
-        small_cache(model, f"glue:{glue_dir}", out, dtype="float32", positions=positions, window_mb=big)
+        small_cache(
+            model, f"glue:{glue_dir}", out, dtype="float32", positions=positions, window_mb=big
+        )
         one = open_store(out)
         assert one.layout.n_rows == one.layout.n_samples
         for layer in full.layout.layers:

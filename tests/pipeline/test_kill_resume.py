@@ -15,7 +15,16 @@ from storage import open_store
 from tests.conftest import sentences, small_cache
 from tests.pipeline.test_cache import assert_same_store
 
-FLAGS = ["--token-budget", "128", "--window-mb", "0.1", "--chunk-mb", "0.015", "--shard-chunks", "2"]
+FLAGS = [
+    "--token-budget",
+    "128",
+    "--window-mb",
+    "0.1",
+    "--chunk-mb",
+    "0.015",
+    "--shard-chunks",
+    "2",
+]
 
 
 def cli(*args: str) -> list[str]:
@@ -48,6 +57,12 @@ def test_sigkill_mid_run_then_resume_gives_the_same_store(model_dir, tmp_path):
     resumed = subprocess.run(cli(*args, "--no-progress"), env=env, cwd=Path(__file__).parents[2])
     assert resumed.returncode == 0
     small_cache(
-        model, data, tmp_path / "ref", token_budget=128, window_mb=0.1, chunk_mb=0.015, shard_chunks=2
+        model,
+        data,
+        tmp_path / "ref",
+        token_budget=128,
+        window_mb=0.1,
+        chunk_mb=0.015,
+        shard_chunks=2,
     )
     assert_same_store(tmp_path / "ref", out)

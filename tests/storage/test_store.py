@@ -1,0 +1,161 @@
+"""The store on its own: codecs, out-of-order writes, resume bookkeeping, checks on open."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.extract import encode
+from storage import (
+    BatchRows,
+    ConfigError,
+    Layout,
+    StoreCorruptError,
+    StoreMismatchError,
+    create_store,
+    open_store,
+    parse_codec,
+    parse_dtype,
+)
+from storage.codecs import decode_rows, encode_rows
+
+DTYPES = ["float32", "float16", "bfloat16", "int8"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_reference_encoder_matches_the_torch_encoder(dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 48)) * rng.uniform(0.01, 50, size=(300, 1))).astype(np.float32)
+    x[3] = 0.0  # an all-zero row (int8 scale 0)
+    ref, ref_scale = encode_rows(x, dtype)
+    got, got_scale = encode(torch.from_numpy(x), dtype)
+    assert np.array_equal(ref, got)
+    if dtype == "int8":
+        assert np.array_equal(ref_scale, got_scale)
+    back = decode_rows(got, dtype, got_scale)
+    tol = {"float32": 0, "float16": 1e-3, "bfloat16": 8e-3, "int8": 8e-3}[dtype]
+    assert np.all(np.abs(back - x) <= tol * np.abs(x).max(axis=1, keepdims=True) + 1e-12)
+
+
+def test_parsers_name_the_bad_value():
+    assert parse_dtype("bf16") == "bfloat16"
+    assert parse_codec("zstd:7").level == 7
+    with pytest.raises(ConfigError, match="float8"):
+        parse_dtype("float8")
+    with pytest.raises(ConfigError, match="0..22"):
+        parse_codec("zstd:99")
+    with pytest.raises(ConfigError, match="multiple of chunk_rows"):
+        Layout(1, 1, 1, [0], 4, "all", "float32", chunk_rows=3, shard_rows=4)
+
+
+def make_store(tmp_path: Path, dtype: str = "bfloat16", seed: int = 0, n: int = 60):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 30, size=n)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    rows = int(offsets[-1])
+    layers, d = [0, 2], 16
+    values = {layer: rng.standard_normal((rows, d)).astype(np.float32) for layer in layers}
+    layout = Layout(n, rows, rows, layers, d, "all", dtype, chunk_rows=32, shard_rows=128)
+    arrays = {
+        "offsets": offsets,
+        "token_offsets": offsets,
+        "token_ids": np.arange(rows, dtype=np.int32),
+        "labels": rng.integers(0, 2, size=n),
+    }
+    path = str(tmp_path / f"store-{dtype}-{seed}")
+    writer = create_store(
+        path, layout, {"backbone": {"name": "t"}}, {"type": "classification"}, arrays
+    )
+    assert writer is not None
+    return path, writer, values, lengths, offsets
+
+
+def batch_of(samples, values, lengths, offsets, dtype) -> BatchRows:
+    parts = {
+        k: np.concatenate([v[offsets[s] : offsets[s + 1]] for s in samples])
+        for k, v in values.items()
+    }
+    enc = [encode_rows(parts[k], dtype) for k in sorted(parts)]
+    stats = np.stack(
+        [
+            np.stack([p.sum(1), (p * p).sum(1), p.min(1), p.max(1)], 1)
+            for _, p in sorted(parts.items())
+        ],
+        axis=1,
+    )
+    return BatchRows(
+        np.asarray(samples),
+        lengths[samples],
+        [e[0] for e in enc],
+        [e[1] for e in enc] if dtype == "int8" else None,  # type: ignore[misc]
+        stats,
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_written_in_any_order_read_back_in_dataset_order(tmp_path, dtype):
+    path, writer, values, lengths, offsets = make_store(tmp_path, dtype)
+    order = np.random.default_rng(1).permutation(len(lengths))
+    for samples in np.array_split(order, 9):
+        writer.put(batch_of(samples, values, lengths, offsets, dtype))
+    meta = writer.close()
+    assert meta["complete"]
+    reader = open_store(path)
+    for layer, want in values.items():
+        stored, scale = encode_rows(want, dtype)
+        assert np.array_equal(reader.raw_rows(layer, 0, len(want)), stored)
+        assert np.array_equal(reader.rows(layer, 0, len(want)), decode_rows(stored, dtype, scale))
+        stats = meta["stats"][str(layer)]
+        assert stats["mean"] == pytest.approx(float(want.astype(np.float64).mean()), abs=1e-9)
+        assert stats["max"] == pytest.approx(float(want.max()))
+    s = reader.sample(5)
+    assert s.shape == (lengths[5], 2, 16)
+
+
+def test_a_resumed_writer_only_needs_the_missing_shards(tmp_path):
+    path, writer, values, lengths, offsets = make_store(tmp_path)
+    # first half of the samples, in order, then stop
+    half = np.arange(len(lengths) // 2)
+    writer.put(batch_of(half, values, lengths, offsets, "bfloat16"))
+    writer.abort()
+    again = create_store(
+        path, writer.layout, {"backbone": {"name": "t"}}, {"type": "classification"}, {}
+    )
+    assert again is not None and 0 < again.done.sum() < writer.layout.n_shards
+    needed = again.needed_samples()
+    assert not needed[0] and needed[-1]
+    skip = np.flatnonzero(~needed)
+    again.skip(skip)
+    again.put(batch_of(np.flatnonzero(needed), values, lengths, offsets, "bfloat16"))
+    again.close()
+    reader = open_store(path)
+    assert np.array_equal(
+        reader.raw_rows(2, 0, reader.layout.n_rows), encode_rows(values[2], "bfloat16")[0]
+    )
+
+
+def test_open_checks_expectations_and_layers(tmp_path):
+    path, writer, values, lengths, offsets = make_store(tmp_path)
+    writer.put(batch_of(np.arange(len(lengths)), values, lengths, offsets, "bfloat16"))
+    writer.close()
+    open_store(path, expect={"layout.hidden_size": 16, "identity.backbone.name": "t"}, layers=[2])
+    with pytest.raises(StoreMismatchError, match="layout.hidden_size is 16 but 384"):
+        open_store(path, expect={"layout.hidden_size": 384})
+    with pytest.raises(StoreMismatchError, match=r"layers \[1\] are needed"):
+        open_store(path, layers=[1])
+
+
+def test_a_flipped_byte_in_a_chunk_is_caught_on_read(tmp_path):
+    path, writer, values, lengths, offsets = make_store(tmp_path)
+    writer.put(batch_of(np.arange(len(lengths)), values, lengths, offsets, "bfloat16"))
+    writer.close()
+    shard = Path(path) / "hidden" / "0" / "c" / "0" / "0"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 3] ^= 0x5A
+    shard.write_bytes(bytes(blob))
+    reader = open_store(path)
+    with pytest.raises(StoreCorruptError, match="hidden/0"):
+        reader.rows(0, 0, 100)
