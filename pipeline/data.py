@@ -277,7 +277,9 @@ def _load_file(kind: str, rest: str, split: str, columns: ColumnOptions, spec: s
         ["validation"] if normalise_split(split) == "dev" else []
     )
     candidates = [Path(rest.replace("{split}", name)) for name in names]
-    candidates = [p / f"{name}.{ext}" if p.is_dir() else p for p, name in zip(candidates, names)]
+    candidates = [
+        p / f"{name}.{ext}" if p.is_dir() else p for p, name in zip(candidates, names, strict=True)
+    ]
     path = next((p for p in candidates if p.is_file()), candidates[0])
     split = normalise_split(split)
     if not path.is_file():

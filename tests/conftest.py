@@ -18,10 +18,28 @@ from pipeline.backbone import resolve_source
 from pipeline.cache import CacheConfig, run_cache
 
 VOCAB = 30522
-WORDS = (
-    "the a cat dog sat on mat film was great terrible not good bad movie plot acting "
-    "very quite an utterly boring moving story with and but of"
-).split()
+WORDS = [
+    *[
+        "the",
+        "a",
+        "cat",
+        "dog",
+        "sat",
+        "on",
+        "mat",
+        "film",
+        "was",
+        "great",
+        "terrible",
+        "not",
+        "good",
+        "bad",
+        "movie",
+        "plot",
+        "acting",
+    ],
+    *["very", "quite", "an", "utterly", "boring", "moving", "story", "with", "and", "but", "of"],
+]
 
 
 def _tokenizer() -> Any:

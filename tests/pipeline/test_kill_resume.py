@@ -1,4 +1,4 @@
-"""A real SIGKILL of stage one in a subprocess, then a resume: same store as an uninterrupted run."""
+"""A real SIGKILL of stage one in a subprocess, then a resume: the same store as an unbroken run."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ def test_parsers_name_the_bad_value():
     assert parse_codec("zstd:7").level == 7
     with pytest.raises(ConfigError, match="float8"):
         parse_dtype("float8")
-    with pytest.raises(ConfigError, match="0..22"):
+    with pytest.raises(ConfigError, match=r"0\.\.22"):
         parse_codec("zstd:99")
     with pytest.raises(ConfigError, match="multiple of chunk_rows"):
         Layout(1, 1, 1, [0], 4, "all", "float32", chunk_rows=3, shard_rows=4)
@@ -142,7 +142,7 @@ def test_open_checks_expectations_and_layers(tmp_path):
     writer.put(batch_of(np.arange(len(lengths)), values, lengths, offsets, "bfloat16"))
     writer.close()
     open_store(path, expect={"layout.hidden_size": 16, "identity.backbone.name": "t"}, layers=[2])
-    with pytest.raises(StoreMismatchError, match="layout.hidden_size is 16 but 384"):
+    with pytest.raises(StoreMismatchError, match=r"layout\.hidden_size is 16 but 384"):
         open_store(path, expect={"layout.hidden_size": 384})
     with pytest.raises(StoreMismatchError, match=r"layers \[1\] are needed"):
         open_store(path, layers=[1])
