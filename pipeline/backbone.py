@@ -149,6 +149,8 @@ def model_identity(
     return {
         "name": name,
         "source": source,
+        "num_attention_heads": _first_attr(config, "num_attention_heads", "n_head", "num_heads"),
+        "pooling": native_pooling(source, config),
         "revision": revision or getattr(config, "_commit_hash", None),
         "model_type": config.model_type,
         "class": type(model).__name__,
@@ -156,6 +158,28 @@ def model_identity(
         "weights_hash": weights_hash(model),
         "hidden_states": HIDDEN_STATES,
     }
+
+
+def _first_attr(config: Any, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def native_pooling(source: str, config: Any) -> str:
+    """How the backbone itself pools a sequence: ``mean`` for sentence-transformers models that
+    say so in ``1_Pooling/config.json``, ``last`` for decoders, else ``first`` ([CLS])."""
+    pooling = Path(source) / "1_Pooling" / "config.json"
+    if pooling.is_file():
+        cfg = json.loads(pooling.read_text())
+        if cfg.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if cfg.get("pooling_mode_lasttoken"):
+            return "last"
+        return "first"
+    return "last" if _is_causal(config) else "first"
 
 
 def weights_hash(model: nn.Module) -> str:

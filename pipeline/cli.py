@@ -13,6 +13,7 @@ COMMANDS = {
     "cache": "stages.cache",
     "inspect": "stages.inspect",
     "verify": "stages.verify",
+    "train": "stages.train",
 }
 USAGE = "usage: sidecache {" + ",".join(COMMANDS) + "} [options]   (sidecache COMMAND -h for help)"
 

@@ -131,7 +131,8 @@ def _load_bbc(split: str) -> TextData:
             labels.append(label)
     order = np.random.default_rng(BBC_SEED).permutation(len(texts))
     n_dev = round(BBC_DEV_FRACTION * len(texts))
-    chosen = {"dev": np.sort(order[:n_dev]), "train": np.sort(order[n_dev:])}
+    # shuffled order, so that --limit N takes a sample of every topic
+    chosen = {"dev": order[:n_dev], "train": order[n_dev:]}
     chosen["all"] = np.arange(len(texts))
     if split not in chosen:
         raise DataSpecError(f"bbc has splits train, dev and all; found --split {split!r}")

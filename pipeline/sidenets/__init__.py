@@ -1,0 +1,104 @@
+"""Side networks, registered by name: ``read``, ``lst``, ``linear``, ``mlp``.
+
+A spec is ``KIND[:key=value,...]``. Keys that are fields of the kind's config dataclass size the
+network; ``lr``, ``weight_decay``, ``warmup``, ``patience``, ``seed`` and ``name`` are training
+settings (see :class:`TrainSettings`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.sidenets.base import SideBatch, StoreInfo, loss_fn
+from pipeline.sidenets.lst import Lst, LstConfig
+from pipeline.sidenets.probes import Probe, ProbeConfig
+from pipeline.sidenets.read import Read, ReadConfig
+
+
+@dataclass(frozen=True)
+class Kind:
+    config: type
+    build: Callable[[StoreInfo, Any], nn.Module]
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+REGISTRY: dict[str, Kind] = {
+    "read": Kind(ReadConfig, Read),
+    "lst": Kind(LstConfig, Lst),
+    "linear": Kind(ProbeConfig, Probe),
+    "mlp": Kind(ProbeConfig, Probe, {"hidden": 256, "mix": True}),
+}
+
+
+@dataclass
+class TrainSettings:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.06  # fraction of all steps
+    patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
+    seed: int = 0
+    name: str = ""
+
+
+@dataclass
+class SideSpec:
+    kind: str
+    model: dict[str, Any]
+    train: TrainSettings
+    text: str
+
+    def config(self) -> Any:
+        return REGISTRY[self.kind].config(**self.model)
+
+
+def _cast(value: str, like: Any, key: str, spec: str) -> Any:
+    try:
+        if isinstance(like, bool):
+            if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("1", "true", "yes")
+        return type(like)(value)
+    except ValueError:
+        raise ConfigError(
+            f"--sidenet {spec!r}: {key}={value!r} is not a {type(like).__name__}"
+        ) from None
+
+
+def parse_spec(text: str) -> SideSpec:
+    """``read:hidden=128,lr=1e-3`` -> :class:`SideSpec`; unknown kinds or keys are refused."""
+    kind, _, rest = text.partition(":")
+    kind = kind.strip().lower()
+    if kind not in REGISTRY:
+        raise ConfigError(f"unknown side network {kind!r} in --sidenet {text!r}: expected one of "
+                          f"{', '.join(REGISTRY)}")  # fmt: skip
+    entry = REGISTRY[kind]
+    model_defaults = {f.name: f.default for f in dataclasses.fields(entry.config)}
+    model_defaults.update(entry.defaults)
+    train = TrainSettings()
+    model = dict(entry.defaults)
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--sidenet {text!r}: expected key=value, found {item!r}")
+        if key in model_defaults:
+            model[key] = _cast(value, model_defaults[key], key, text)
+        elif hasattr(train, key):
+            setattr(train, key, _cast(value, getattr(train, key), key, text))
+        else:
+            keys = sorted([*model_defaults, *vars(train)])
+            raise ConfigError(f"--sidenet {text!r}: unknown key {key!r}; {kind} takes {keys}")
+    return SideSpec(kind, model, train, text)
+
+
+def build(spec: SideSpec, info: StoreInfo) -> nn.Module:
+    return REGISTRY[spec.kind].build(info, spec.config())
+
+
+__all__ = ["REGISTRY", "SideBatch", "SideSpec", "StoreInfo", "TrainSettings", "build", "loss_fn",
+           "parse_spec"]  # fmt: skip

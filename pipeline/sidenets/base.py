@@ -1,0 +1,145 @@
+"""What every side network sees: a batch of stored rows, and a description of the store.
+
+Side networks import nothing from ``transformers``: they only ever see cached tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from storage import StoreMismatchError
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """The facts about a store that shape a side network."""
+
+    hidden_size: int
+    layers: tuple[int, ...]  # stored hidden-state indices, ascending
+    positions: str  # all | first | last | mean
+    pooling: str  # the backbone's own pooling: first | last | mean
+    num_heads: int
+    causal: bool
+    task: dict[str, Any]
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.task["type"] == "regression" else int(self.task["num_labels"])
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> StoreInfo:
+        backbone = meta["identity"]["backbone"]
+        return cls(
+            hidden_size=int(meta["layout"]["hidden_size"]),
+            layers=tuple(int(x) for x in meta["layout"]["layers"]),
+            positions=str(meta["layout"]["positions"]),
+            pooling=str(backbone.get("pooling") or "first"),
+            num_heads=int(backbone.get("num_attention_heads") or 1),
+            causal=str(backbone.get("pooling")) == "last",
+            task=dict(meta["task"]),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hidden_size": self.hidden_size,
+            "layers": list(self.layers),
+            "positions": self.positions,
+            "pooling": self.pooling,
+            "num_heads": self.num_heads,
+            "causal": self.causal,
+            "task": self.task,
+        }
+
+
+@dataclass
+class SideBatch:
+    """``B`` samples' rows back to back: sample ``i`` owns ``lengths[i]`` consecutive rows."""
+
+    hidden: torch.Tensor  # (R, L, D) float32, L = the store's layers in order
+    lengths: torch.Tensor  # (B,) int64 rows per sample (all ones for single-position stores)
+    labels: torch.Tensor  # (B,) int64 or float32
+    samples: torch.Tensor  # (B,) int64 sample indices in the store
+
+    def to(self, device: torch.device) -> SideBatch:
+        return SideBatch(*(t.to(device, non_blocking=True) for t in
+                           (self.hidden, self.lengths, self.labels, self.samples)))  # fmt: skip
+
+    @property
+    def starts(self) -> torch.Tensor:  # (B,) first row of each sample
+        return torch.cumsum(self.lengths, 0) - self.lengths
+
+    def row_sample(self) -> torch.Tensor:  # (R,) which sample each row belongs to
+        return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device),
+                                       self.lengths)  # fmt: skip
+
+    def padded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(R, ...)`` -> ``(B, T, ...)`` zero-padded, plus the ``(B, T)`` mask of real rows."""
+        b, t = len(self.lengths), int(self.lengths.max())
+        mask = torch.arange(t, device=rows.device)[None, :] < self.lengths[:, None]
+        out = rows.new_zeros((b, t, *rows.shape[1:]))
+        out[mask] = rows
+        return out, mask
+
+
+def select_rows(batch: SideBatch, rows: torch.Tensor, pool: str, info: StoreInfo) -> torch.Tensor:
+    """The rows a single-position head reads (``first``/``last``), before any computation, so a
+    ``--positions first`` store and an ``all`` store feed identical inputs. ``mean`` keeps all."""
+    check_pool(pool, info)
+    if info.positions != "all" or pool == "mean":
+        return rows
+    idx = batch.starts if pool == "first" else batch.starts + batch.lengths - 1
+    return rows[idx]
+
+
+def pool_rows(batch: SideBatch, rows: torch.Tensor, pool: str, info: StoreInfo) -> torch.Tensor:
+    """``(R, D)`` -> ``(B, D)``: rows already selected by :func:`select_rows` or a masked mean."""
+    if info.positions != "all" or pool != "mean":
+        return rows
+    out = rows.new_zeros((len(batch.lengths), rows.shape[-1]))
+    out.index_add_(0, batch.row_sample(), rows)
+    return out / batch.lengths.to(rows.dtype)[:, None]
+
+
+def check_pool(pool: str, info: StoreInfo) -> None:
+    if pool not in ("first", "last", "mean"):
+        raise StoreMismatchError(f"pool must be first, last or mean; found {pool!r}")
+    if info.positions not in ("all", pool):
+        raise StoreMismatchError(
+            f"the side network pools {pool!r} but the store holds only {info.positions!r} "
+            f"positions; use pool={info.positions} or a store cached with --positions all"
+        )
+
+
+def layer_index(info: StoreInfo, layer: int) -> int:
+    """Position in the batch's layer axis of hidden state ``layer`` (negative: from the end)."""
+    if layer < 0:
+        if -layer > len(info.layers):
+            raise StoreMismatchError(
+                f"layer {layer}: the store holds only {len(info.layers)} layers"
+            )
+        return len(info.layers) + layer
+    if layer not in info.layers:
+        raise StoreMismatchError(
+            f"layer {layer} is not in the store (it holds {list(info.layers)}); re-cache with it"
+        )
+    return info.layers.index(layer)
+
+
+def make_head(width: int, outputs: int, hidden: int, dropout: float) -> nn.Module:
+    """Task head: linear, or a one-hidden-layer MLP when ``hidden > 0``."""
+    if hidden <= 0:
+        return nn.Sequential(nn.Dropout(dropout), nn.Linear(width, outputs))
+    return nn.Sequential(
+        nn.Dropout(dropout), nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout),
+        nn.Linear(hidden, outputs),
+    )  # fmt: skip
+
+
+def loss_fn(info: StoreInfo, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    if info.task["type"] == "regression":
+        return nn.functional.mse_loss(outputs.reshape(-1), labels.float())
+    return nn.functional.cross_entropy(outputs, labels.long())

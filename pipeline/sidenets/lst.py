@@ -1,0 +1,123 @@
+"""LST, ladder side-tuning (Sung et al. 2022): a thin transformer beside the backbone.
+
+Width d/r with the backbone's head count (fewer when that does not divide the width). The side
+state starts as a projection of the embedding output; before side block i, a ladder from stored
+layer l_i is mixed in: s ← g_i · s + (1 − g_i) · W_i h_{l_i}, with g_i = sigmoid(α_i / T),
+T = 0.1 and α_i = 0 at start. The output is projected back up to d, pooled, and fed to the head.
+Attention masks come from the stored offsets. Needs a ``--positions all`` store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pipeline.sidenets.base import (
+    SideBatch,
+    StoreInfo,
+    check_pool,
+    layer_index,
+    make_head,
+)
+from storage import StoreMismatchError
+
+
+@dataclass
+class LstConfig:
+    r: int = 8  # reduction factor: side width = hidden_size / r
+    ladders: str = "all"  # stored layers feeding side blocks ("all" = every layer after 0)
+    heads: int = 0  # 0 = the backbone's head count (reduced until it divides the width)
+    ff_mult: int = 4
+    pool: str = ""  # first | last | mean; empty = the backbone's own pooling
+    head_hidden: int = 0
+    dropout: float = 0.1
+    temperature: float = 0.1
+
+
+class SideBlock(nn.Module):
+    """Pre-LN transformer block with an explicit key-padding (and optional causal) mask."""
+
+    def __init__(self, width: int, heads: int, ff_mult: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.ff = nn.Sequential(
+            nn.Linear(width, ff_mult * width), nn.GELU(), nn.Linear(ff_mult * width, width)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, s: torch.Tensor, mask: torch.Tensor, causal: bool) -> torch.Tensor:
+        b, t, w = s.shape  # (B, T, W)
+        q, k, v = self.qkv(self.norm1(s)).view(b, t, 3, self.heads, w // self.heads).unbind(2)
+        allowed = mask[:, None, None, :]  # (B, 1, 1, T) keys that are real tokens
+        if causal:
+            allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=s.device).tril()
+        att = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / math.sqrt(w // self.heads)
+        att = att.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, T, T)
+        out = (att @ v.transpose(1, 2)).transpose(1, 2).reshape(b, t, w)
+        s = s + self.drop(self.proj(out))
+        return s + self.drop(self.ff(self.norm2(s)))
+
+
+class Lst(nn.Module):
+    def __init__(self, info: StoreInfo, cfg: LstConfig):
+        super().__init__()
+        if info.positions != "all":
+            raise StoreMismatchError(
+                f"LST attends over tokens but the store holds only {info.positions!r} "
+                "positions; use a store cached with --positions all"
+            )
+        if info.hidden_size % cfg.r:
+            raise ValueError(f"r={cfg.r} does not divide the hidden size {info.hidden_size}")
+        self.info, self.cfg = info, cfg
+        self.pool = cfg.pool or info.pooling
+        check_pool(self.pool, info)
+        d, width = info.hidden_size, info.hidden_size // cfg.r
+        heads = cfg.heads or info.num_heads
+        while width % heads:
+            heads -= 1
+        ladders = (
+            [x for x in info.layers if x != info.layers[0]]
+            if cfg.ladders == "all"
+            else [int(x) for x in cfg.ladders.split("+")]
+        )
+        if not ladders:
+            raise StoreMismatchError("LST needs at least two stored layers (input and a ladder)")
+        self.input_index = 0
+        self.ladder_index = [layer_index(info, x) for x in ladders]
+        self.down_in = nn.Linear(d, width)
+        self.down = nn.ModuleList(nn.Linear(d, width) for _ in ladders)
+        self.alpha = nn.Parameter(torch.zeros(len(ladders)))
+        self.blocks = nn.ModuleList(
+            SideBlock(width, heads, cfg.ff_mult, cfg.dropout) for _ in ladders
+        )
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, d)
+        self.head = make_head(d, info.num_outputs, cfg.head_hidden, cfg.dropout)
+
+    def forward(self, batch: SideBatch) -> torch.Tensor:
+        hidden, mask = batch.padded(batch.hidden)  # (B, T, L, D), (B, T)
+        s = self.down_in(hidden[:, :, self.input_index])  # (B, T, W)
+        gates = torch.sigmoid(self.alpha / self.cfg.temperature)
+        for i, block in enumerate(self.blocks):
+            ladder = self.down[i](hidden[:, :, self.ladder_index[i]])  # (B, T, W)
+            s = gates[i] * s + (1 - gates[i]) * ladder
+            s = block(s, mask, self.info.causal)
+        out = self.up(self.norm(s))  # (B, T, D)
+        return self.head(_pool_padded(out, mask, batch.lengths, self.pool))
+
+
+def _pool_padded(
+    x: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor, pool: str
+) -> torch.Tensor:
+    if pool == "first":
+        return x[:, 0]
+    if pool == "last":
+        return x[torch.arange(len(lengths), device=x.device), lengths - 1]
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / lengths.to(x.dtype)[:, None]

@@ -1,0 +1,308 @@
+"""Stage two: train K side networks from one stream of cached batches.
+
+One loader pass feeds every side network; each has its own optimiser, schedule, early-stopping
+state and random-number stream (dropout), so a network trains exactly as it would alone. After
+each epoch every network is evaluated on the eval store; the best checkpoint is kept.
+
+Outputs under ``OUT/<name>/``: ``best.pt`` (config, weights, store identity), ``last.pt`` (plus
+optimiser state, for resuming), ``metrics.json``, ``history.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import metrics
+from pipeline.errors import ConfigError, StoreMismatchError
+from pipeline.loader import StoreLoader
+from pipeline.sidenets import SideSpec, StoreInfo, build, loss_fn, parse_spec
+from storage import StoreReader, open_store
+
+log = logging.getLogger(__name__)
+SAME_SOURCE = (
+    "identity.backbone.config_hash",
+    "identity.backbone.weights_hash",
+    "identity.tokenizer.hash",
+    "layout.hidden_size",
+    "layout.layers",
+    "layout.positions",
+    "task.type",
+    "task.num_labels",
+)
+
+
+@dataclass
+class TrainConfig:
+    train: str
+    eval: str
+    specs: list[str]
+    epochs: int
+    out: str
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    ram_budget_mb: int = 4096
+    progress: bool = True
+
+
+@dataclass
+class Member:
+    """One side network in the pass and everything it owns."""
+
+    name: str
+    spec: SideSpec
+    model: torch.nn.Module
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    rng: torch.Tensor
+    folder: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    epochs_done: int = 0
+    seconds: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+
+def member_names(specs: list[SideSpec]) -> list[str]:
+    base = [s.train.name or s.kind for s in specs]
+    names = [b if base.count(b) == 1 else f"{b}-{base[:i].count(b)}" for i, b in enumerate(base)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"side network names collide: {names}; set name=... in --sidenet")
+    return names
+
+
+def open_pair(train: str, eval_: str) -> tuple[StoreReader, StoreReader]:
+    tr = open_store(train)
+    want = {}
+    for key in SAME_SOURCE:
+        node: Any = tr.meta
+        for part in key.split("."):
+            node = node[part]
+        want[key] = node
+    try:
+        ev = open_store(eval_, expect=want)
+    except StoreMismatchError as exc:
+        raise StoreMismatchError(f"train and eval stores do not match: {exc}") from exc
+    return tr, ev
+
+
+def schedule(total: int, warmup: float) -> Any:
+    ramp = max(1, round(total * warmup))
+
+    def factor(step: int) -> float:
+        if step < ramp:
+            return (step + 1) / ramp
+        return max(0.0, (total - step) / max(1, total - ramp))
+
+    return factor
+
+
+def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: TrainConfig,
+                device: torch.device) -> Member:  # fmt: skip
+    seed = spec.train.seed or cfg.seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build(spec, info).to(device)
+        rng = torch.get_rng_state()
+    optim = torch.optim.AdamW(
+        model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule(total, spec.train.warmup))
+    return Member(name, spec, model, optim, sched, rng, Path(cfg.out) / name)
+
+
+def checkpoint(m: Member, info: StoreInfo, identity: dict[str, Any], full: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "kind": m.spec.kind,
+        "spec": m.spec.text,
+        "model_config": dataclasses.asdict(m.spec.config()),
+        "train_settings": dataclasses.asdict(m.spec.train),
+        "store_info": info.to_json(),
+        "store_identity": identity,
+        "state_dict": m.model.state_dict(),
+        "epoch": m.epochs_done,
+    }
+    if full:
+        state.update(
+            optim=m.optim.state_dict(), sched=m.sched.state_dict(), rng=m.rng, history=m.history,
+            best=m.best, best_epoch=m.best_epoch, bad_epochs=m.bad_epochs, stopped=m.stopped,
+            seconds=m.seconds,
+        )  # fmt: skip
+    return state
+
+
+def resume(m: Member, identity: dict[str, Any]) -> None:
+    path = m.folder / "last.pt"
+    if not path.is_file():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["spec"] != m.spec.text or state["store_identity"] != identity:
+        raise ConfigError(
+            f"{m.folder} holds a run of {state['spec']!r} on another store; choose another --out "
+            "or delete that folder"
+        )
+    m.model.load_state_dict(state["state_dict"])
+    m.optim.load_state_dict(state["optim"])
+    m.sched.load_state_dict(state["sched"])
+    m.rng, m.history, m.best = state["rng"], state["history"], state["best"]
+    m.best_epoch, m.bad_epochs, m.stopped = (
+        state["best_epoch"],
+        state["bad_epochs"],
+        state["stopped"],
+    )
+    m.epochs_done, m.seconds = state["epoch"], state["seconds"]
+    log.info("%s: resuming after epoch %d", m.name, m.epochs_done)
+
+
+def train_step(m: Member, batch: Any, info: StoreInfo) -> None:
+    started = time.perf_counter()
+    m.model.train()
+    torch.set_rng_state(m.rng)  # each network has its own dropout stream
+    loss = loss_fn(info, m.model(batch), batch.labels)
+    m.optim.zero_grad(set_to_none=True)
+    loss.backward()
+    m.optim.step()
+    m.sched.step()
+    m.rng = torch.get_rng_state()
+    m.loss_sum += float(loss.detach()) * len(batch.lengths)
+    m.loss_count += len(batch.lengths)
+    m.seconds += time.perf_counter() - started
+
+
+@torch.no_grad()
+def evaluate(models: list[Member], loader: StoreLoader, info: StoreInfo, device: torch.device,
+             ) -> dict[str, dict[str, float]]:  # fmt: skip
+    outs: dict[str, list[np.ndarray]] = {m.name: [] for m in models}
+    gold: list[np.ndarray] = []
+    for batch in loader.epoch(0):
+        batch = batch.to(device)
+        gold.append(batch.labels.cpu().numpy())
+        for m in models:
+            started = time.perf_counter()
+            m.model.eval()
+            outs[m.name].append(m.model(batch).float().cpu().numpy())
+            m.seconds += time.perf_counter() - started
+    y = np.concatenate(gold)
+    return {name: metrics.compute(info.task, np.concatenate(o), y) for name, o in outs.items()}
+
+
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        return {"device": "cuda", "peak_bytes": int(torch.cuda.max_memory_allocated(device))}
+    return {
+        "device": "cpu",
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], device: torch.device,
+                  finished: bool) -> dict[str, Any]:  # fmt: skip
+    m.folder.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint(m, info, identity, full=True), m.folder / "last.pt.tmp")
+    (m.folder / "last.pt.tmp").replace(m.folder / "last.pt")
+    final = m.history[-1]["eval"] if m.history else None
+    result = {
+        "name": m.name,
+        "spec": m.spec.text,
+        "kind": m.spec.kind,
+        "eval": {"best": m.best, "final": final, "best_epoch": m.best_epoch},
+        "train_loss": m.history[-1]["train_loss"] if m.history else None,
+        "epochs": m.epochs_done,
+        "stopped_early": m.stopped,
+        "finished": finished,
+        "trainable_params": m.params,
+        "wall_time_s": round(m.seconds, 3),
+        "memory": peak_memory(device),
+    }
+    (m.folder / "metrics.json").write_text(json.dumps(result, indent=2))
+    with (m.folder / "history.csv").open("w", newline="") as f:
+        keys = sorted(m.history[0]["eval"]) if m.history else []
+        w = csv.writer(f)
+        w.writerow(["epoch", "train_loss", *keys])
+        for h in m.history:
+            w.writerow([h["epoch"], h["train_loss"], *(h["eval"][k] for k in keys)])
+    return result
+
+
+def end_epoch(m: Member, epoch: int, scores: dict[str, float], info: StoreInfo,
+              identity: dict[str, Any]) -> None:  # fmt: skip
+    m.epochs_done = epoch + 1
+    m.history.append(
+        {"epoch": epoch + 1, "train_loss": m.loss_sum / max(1, m.loss_count), "eval": scores}
+    )
+    m.loss_sum, m.loss_count = 0.0, 0
+    if m.best is None or scores["score"] > m.best["score"]:
+        m.best, m.best_epoch, m.bad_epochs = scores, epoch + 1, 0
+        m.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint(m, info, identity, full=False), m.folder / "best.pt")
+    else:
+        m.bad_epochs += 1
+        if m.spec.train.patience and m.bad_epochs >= m.spec.train.patience:
+            m.stopped = True
+            log.info("%s: no improvement for %d epochs, stopping", m.name, m.bad_epochs)
+
+
+def run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Train every ``--sidenet`` from one stream of batches; returns metrics per network."""
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError("--epochs and --batch-size must be at least 1")
+    specs = [parse_spec(s) for s in cfg.specs]
+    if not specs:
+        raise ConfigError("give at least one --sidenet (e.g. --sidenet read --sidenet linear)")
+    names = member_names(specs)
+    train_reader, eval_reader = open_pair(cfg.train, cfg.eval)
+    info, identity = StoreInfo.from_meta(train_reader.meta), train_reader.identity
+    from pipeline.backbone import pick_device  # torch only; transformers is never imported
+
+    device = pick_device(cfg.device)
+    budget = cfg.ram_budget_mb << 20
+    loader = StoreLoader(
+        train_reader, cfg.batch_size, shuffle=True, seed=cfg.seed, ram_budget=budget
+    )
+    eval_loader = StoreLoader(
+        eval_reader, max(cfg.batch_size, 64), shuffle=False, ram_budget=budget
+    )
+    total = cfg.epochs * len(loader)
+    members = [
+        make_member(n, s, info, total, cfg, device) for n, s in zip(names, specs, strict=True)
+    ]
+    for m in members:
+        resume(m, identity)
+    start = min((m.epochs_done for m in members if not m.stopped), default=cfg.epochs)
+    for epoch in range(start, cfg.epochs):
+        active = [m for m in members if not m.stopped and m.epochs_done == epoch]
+        if not active:
+            break
+        bar = tqdm(loader.epoch(epoch), total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not cfg.progress)  # fmt: skip
+        for batch in bar:
+            batch = batch.to(device)
+            for m in active:
+                train_step(m, batch, info)
+        scores = evaluate(active, eval_loader, info, device)
+        for m in active:
+            end_epoch(m, epoch, scores[m.name], info, identity)
+            write_outputs(m, info, identity, device, finished=False)
+        log.info("epoch %d: %s", epoch + 1, ", ".join(
+            f"{m.name} {scores[m.name]['score']:.4f}" for m in active))  # fmt: skip
+    return {m.name: write_outputs(m, info, identity, device, finished=True) for m in members}

@@ -1,0 +1,39 @@
+"""``sidecache train``: stage two (many side networks from cached hidden states)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipeline.train import TrainConfig, run_train
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="sidecache train", description="Train side networks on stores."
+    )
+    p.add_argument("--train", required=True, help="store of the training split")
+    p.add_argument("--eval", required=True, help="store of the evaluation split")
+    p.add_argument(
+        "--sidenet",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="KIND[:key=value,...], e.g. read:hidden=128,lr=1e-3; repeat for more",
+    )
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--out", required=True, help="one folder per side network goes here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ram-budget-mb", type=int, default=4096, help="keep stores this small in RAM")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    results = run_train(TrainConfig(
+        train=args.train, eval=args.eval, specs=args.sidenet, epochs=args.epochs, out=args.out,
+        batch_size=args.batch_size, seed=args.seed, device=args.device,
+        ram_budget_mb=args.ram_budget_mb, progress=not args.no_progress,
+    ))  # fmt: skip
+    table = {name: r["eval"]["best"] for name, r in results.items()}
+    print(json.dumps(table, indent=2))
+    return 0
