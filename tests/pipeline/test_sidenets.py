@@ -16,7 +16,8 @@ from storage import StoreMismatchError, open_store
 from tests.conftest import small_cache
 
 SPECS = [
-    "read", "read:rnn=lstm,aggregate=mean", "read:rnn=elman,pool=first", "lst", "lst:r=4,pool=first",
+    "read", "read:rnn=lstm,aggregate=mean", "read:rnn=elman,pool=first",
+    "lst", "lst:r=4,pool=first",
     "linear", "linear:layer=1,pool=first", "mlp", "mlp:mix=false,layer=-1",
 ]  # fmt: skip
 

@@ -1,0 +1,139 @@
+"""Stage two end to end: cached == online, single-position stores, outputs, resume, no backbone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.backbone import load_backbone
+from pipeline.data import load_data
+from pipeline.extract import forward_rows, make_batch
+from pipeline.loader import StoreLoader
+from pipeline.sidenets import SideBatch, StoreInfo, loss_fn, parse_spec
+from pipeline.tokens import tokenize
+from pipeline.train import TrainConfig, make_member, run_train, train_step
+from storage import open_store
+from tests.conftest import small_cache
+
+
+@pytest.fixture(scope="module")
+def stores(model_dir, glue_dir, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("train")
+    model = model_dir("bert")
+    out = {}
+    for split in ("train", "dev"):
+        for positions in ("all", "first"):
+            path = root / f"{split}-{positions}"
+            small_cache(model, f"glue:{glue_dir}", path, split=split, dtype="float32",
+                        positions=positions)  # fmt: skip
+            out[f"{split}-{positions}"] = str(path)
+    out["model"], out["data"] = model, f"glue:{glue_dir}"
+    return out
+
+
+@pytest.mark.parametrize("spec", ["read:dropout=0.1", "lst:dropout=0.1"])
+def test_cached_training_equals_online_training(spec, stores):
+    """Same seed, same batches: losses from the float32 store and from the backbone running
+    every step (in eval()) agree to float round-off."""
+    reader = open_store(stores["train-all"])
+    info = StoreInfo.from_meta(reader.meta)
+    loader = StoreLoader(reader, 16, shuffle=True, seed=4)
+    bb = load_backbone(stores["model"], "cpu")
+    tok = tokenize(bb.tokenizer, load_data(stores["data"], "train"), bb.max_length, True)
+    cfg = TrainConfig(train="", eval="", specs=[], epochs=1, out="/unused")
+    cached = make_member("c", parse_spec(spec), info, 100, cfg, torch.device("cpu"))
+    online = make_member("o", parse_spec(spec), info, 100, cfg, torch.device("cpu"))
+    losses: dict[str, list[float]] = {"c": [], "o": []}
+    for epoch in range(2):
+        for batch in loader.epoch(epoch):
+            samples = batch.samples.numpy()
+            rows = forward_rows(bb, make_batch(tok, samples, bb.device), list(info.layers), "all")
+            live = SideBatch(torch.stack(rows, 1), batch.lengths, batch.labels, batch.samples)
+            for m, b in ((cached, batch), (online, live)):
+                with torch.no_grad():
+                    m.model.train()
+                    torch.set_rng_state(m.rng)
+                    losses[m.name].append(float(loss_fn(info, m.model(b), b.labels)))
+                train_step(m, b, info)
+    c, o = np.array(losses["c"]), np.array(losses["o"])
+    assert len(c) > 10
+    assert np.all(np.abs(c - o) <= 1e-6 * np.abs(c) + 1e-7), np.abs(c - o).max()
+
+
+def test_read_trains_identically_from_a_first_position_store(stores, tmp_path):
+    spec = "read:pool=first,hidden=16"
+    runs = {}
+    for positions in ("all", "first"):
+        runs[positions] = run_train(TrainConfig(
+            train=stores[f"train-{positions}"], eval=stores[f"dev-{positions}"], specs=[spec],
+            epochs=2, out=str(tmp_path / positions), batch_size=16, progress=False,
+        ))["read"]  # fmt: skip
+    assert runs["all"]["eval"] == runs["first"]["eval"]
+    assert runs["all"]["train_loss"] == runs["first"]["train_loss"]
+
+
+def test_many_per_pass_outputs_and_independence(stores, tmp_path):
+    specs = ["read:hidden=16", "lst:r=4", "linear", "mlp:hidden=32,lr=3e-3,patience=1"]
+    base = dict(train=stores["train-all"], eval=stores["dev-all"], epochs=3, batch_size=16,
+                progress=False)  # fmt: skip
+    many = run_train(TrainConfig(specs=specs, out=str(tmp_path / "many"), **base))
+    assert set(many) == {"read", "lst", "linear", "mlp"}
+    for name, result in many.items():
+        folder = tmp_path / "many" / name
+        assert {"best.pt", "last.pt", "metrics.json", "history.csv"} <= {
+            p.name for p in folder.iterdir()
+        }
+        saved = json.loads((folder / "metrics.json").read_text())
+        assert saved["finished"] and set(saved["eval"]) == {"best", "final", "best_epoch"}
+        assert 0.0 <= saved["eval"]["best"]["accuracy"] <= 1.0 and saved["trainable_params"] > 0
+        ckpt = torch.load(folder / "best.pt", weights_only=False)
+        assert ckpt["store_identity"] == open_store(stores["train-all"]).identity
+        assert result["eval"]["best"] == saved["eval"]["best"]
+    alone = run_train(TrainConfig(specs=["lst:r=4"], out=str(tmp_path / "alone"), **base))
+    assert alone["lst"]["eval"] == many["lst"]["eval"]  # others in the pass change nothing
+
+
+def test_training_resumes_after_an_interruption(stores, tmp_path, monkeypatch):
+    import pipeline.train as train_mod
+
+    base = dict(train=stores["train-all"], eval=stores["dev-all"],
+                specs=["read:hidden=16", "linear"], batch_size=16, progress=False)  # fmt: skip
+    full = run_train(TrainConfig(epochs=3, out=str(tmp_path / "full"), **base))
+    real, calls = train_mod.evaluate, {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(TrainConfig(epochs=3, out=str(tmp_path / "cut"), **base))
+    monkeypatch.setattr(train_mod, "evaluate", real)
+    resumed = run_train(TrainConfig(epochs=3, out=str(tmp_path / "cut"), **base))
+    for name in full:
+        assert resumed[name]["eval"] == full[name]["eval"]
+        assert resumed[name]["train_loss"] == full[name]["train_loss"]
+
+
+def test_stage_two_never_imports_transformers(stores, tmp_path):
+    code = (
+        "import sys\nfrom pipeline.cli import main\n"
+        f"rc = main(['train', '--train', {stores['train-first']!r},"
+        f" '--eval', {stores['dev-first']!r},"
+        f" '--sidenet', 'read:pool=first', '--sidenet', 'linear:pool=first', '--epochs', '1',"
+        f" '--out', {str(tmp_path / 'o')!r}, '--no-progress'])\n"
+        "assert rc == 0, rc\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'datasets'))\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
