@@ -20,11 +20,16 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+DEMO_SIDENETS ?= --sidenet read --sidenet lst --sidenet linear --sidenet mlp
+DEMO_EPOCHS ?= 3
+
 demo: $(STAMP)
 	$(BIN)/sidecache cache $(DEMO_FLAGS) --split train --out $(STORES)/bbc-train
 	$(BIN)/sidecache cache $(DEMO_FLAGS) --split dev --out $(STORES)/bbc-dev
 	$(BIN)/sidecache verify $(STORES)/bbc-dev --samples 4
 	$(BIN)/sidecache inspect $(STORES)/bbc-train
+	$(BIN)/sidecache train --train $(STORES)/bbc-train --eval $(STORES)/bbc-dev \
+		$(DEMO_SIDENETS) --epochs $(DEMO_EPOCHS) --out outputs/bbc
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

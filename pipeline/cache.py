@@ -20,6 +20,7 @@ from pipeline.backbone import Backbone, load_backbone, parse_layers
 from pipeline.data import ColumnOptions, TextData, describe, head, load_data
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_rows, make_batch
+from pipeline.prune import lst_prune
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
 from storage import Layout, create_store, open_store, parse_codec, parse_dtype, parse_positions
 from storage.codecs import itemsize
@@ -45,6 +46,7 @@ class CacheConfig:
     overwrite: bool = False
     revision: str | None = None
     limit: int | None = None
+    lst_prune: int | None = None  # also store LST's pruned-backbone initialisation for d/r
     columns: ColumnOptions = field(default_factory=ColumnOptions)
     token_budget: int = 4096
     max_batch: int = 256
@@ -102,6 +104,7 @@ def identity(
             "device": bb.device.type,
             "autocast": "bfloat16" if bb.device.type == "cuda" else None,
             "torch": torch.__version__.split("+")[0],
+            "lst_prune": cfg.lst_prune,
         },
     }
 
@@ -142,6 +145,8 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     }
     if tok.type_ids is not None:
         arrays["token_type_ids"] = tok.type_ids
+    if cfg.lst_prune:
+        arrays.update(lst_prune(bb, cfg.lst_prune))
     ident = identity(cfg, bb, data, plan, max_length)
     writer = create_store(
         cfg.out,

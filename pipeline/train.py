@@ -271,7 +271,10 @@ def run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         raise ConfigError("give at least one --sidenet (e.g. --sidenet read --sidenet linear)")
     names = member_names(specs)
     train_reader, eval_reader = open_pair(cfg.train, cfg.eval)
-    info, identity = StoreInfo.from_meta(train_reader.meta), train_reader.identity
+    info, identity = (
+        StoreInfo.from_meta(train_reader.meta, train_reader.path),
+        train_reader.identity,
+    )
     from pipeline.backbone import pick_device  # torch only; transformers is never imported
 
     device = pick_device(cfg.device)

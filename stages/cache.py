@@ -44,6 +44,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default=None)
     p.add_argument("--text-pair-column", default=None)
     p.add_argument("--label-column", default=None)
+    p.add_argument(
+        "--lst-prune",
+        type=int,
+        default=None,
+        metavar="R",
+        help="also store a pruned copy of the backbone (width d/R) to initialise LST",
+    )
     p.add_argument("--token-budget", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--max-batch", type=int, default=256, help="samples per batch at most")
     p.add_argument(
@@ -68,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         data=args.data,
         split=args.split,
         limit=args.limit,
+        lst_prune=args.lst_prune,
         out=args.out,
         layers=args.layers,
         positions=args.positions,

@@ -133,6 +133,10 @@ class StoreReader:
         chosen = self.layout.layers if layers is None else layers
         return np.stack([self.rows(layer, a, b) for layer in chosen], axis=1)
 
+    def extra(self, name: str) -> np.ndarray:
+        """A whole small array stored beside the hidden states (``lst_init/r8/...``)."""
+        return np.asarray(self._read(name, ...))
+
     def raw_scales(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Stored int8 scales of rows ``[start, stop)``."""
         return np.asarray(self._read(f"scales/{layer}", slice(start, stop)))

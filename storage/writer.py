@@ -171,16 +171,20 @@ def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[st
         fill_value=float("nan"),
         dimension_names=["shard", "layer", "stat"],
     )
-    names = ["offsets", "token_offsets", "token_ids", "labels"]
+    required = ["offsets", "token_offsets", "token_ids", "labels"]
     if layout.has_token_type_ids:
-        names.append("token_type_ids")
-    for name in names:
-        data = np.ascontiguousarray(arrays[name])
+        required.append("token_type_ids")
+    missing = [name for name in required if name not in arrays]
+    if missing:
+        raise StoreSchemaError(f"cannot create {path}: arrays {missing} were not given")
+    for name, value in arrays.items():  # the required ones plus any extras (e.g. lst_init/...)
+        data = np.ascontiguousarray(value)
+        chunks = (max(1, min(SMALL_CHUNK, data.shape[0])),) if data.ndim == 1 else data.shape
         small = group.create_array(
             name,
             shape=data.shape,
             dtype=data.dtype,
-            chunks=(max(1, min(SMALL_CHUNK, data.shape[0])),),
+            chunks=chunks,
             compressors=compressors_for(layout.codec, str(data.dtype)),
             fill_value=0,
         )

@@ -25,13 +25,15 @@ class StoreInfo:
     num_heads: int
     causal: bool
     task: dict[str, Any]
+    path: str = ""  # where the store is, for side networks that read extras (LST's init)
+    lst_prune: int | None = None  # r of the pruned-backbone initialisation stored, if any
 
     @property
     def num_outputs(self) -> int:
         return 1 if self.task["type"] == "regression" else int(self.task["num_labels"])
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> StoreInfo:
+    def from_meta(cls, meta: dict[str, Any], path: str = "") -> StoreInfo:
         backbone = meta["identity"]["backbone"]
         return cls(
             hidden_size=int(meta["layout"]["hidden_size"]),
@@ -41,6 +43,8 @@ class StoreInfo:
             num_heads=int(backbone.get("num_attention_heads") or 1),
             causal=str(backbone.get("pooling")) == "last",
             task=dict(meta["task"]),
+            path=path,
+            lst_prune=meta["identity"].get("extraction", {}).get("lst_prune"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -52,6 +56,7 @@ class StoreInfo:
             "num_heads": self.num_heads,
             "causal": self.causal,
             "task": self.task,
+            "lst_prune": self.lst_prune,
         }
 
 

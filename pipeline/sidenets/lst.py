@@ -22,7 +22,7 @@ from pipeline.sidenets.base import (
     layer_index,
     make_head,
 )
-from storage import StoreMismatchError
+from storage import StoreMismatchError, open_store
 
 
 @dataclass
@@ -35,6 +35,7 @@ class LstConfig:
     head_hidden: int = 0
     dropout: float = 0.1
     temperature: float = 0.1
+    init: str = "random"  # random | pruned (from the backbone copy stored by --lst-prune R)
 
 
 class SideBlock(nn.Module):
@@ -99,6 +100,41 @@ class Lst(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, d)
         self.head = make_head(d, info.num_outputs, cfg.head_hidden, cfg.dropout)
+        if cfg.init == "pruned":
+            self._init_pruned(ladders, heads)
+        elif cfg.init != "random":
+            raise ValueError(f"init must be random or pruned; found {cfg.init!r}")
+
+    @torch.no_grad()
+    def _init_pruned(self, ladders: list[int], heads: int) -> None:
+        """Side block i starts as the pruned copy of the backbone block that produced ladder i;
+        the down/up projections start as the selection of the kept residual dimensions."""
+        cfg, info = self.cfg, self.info
+        if info.lst_prune != cfg.r or not info.path:
+            raise StoreMismatchError(
+                f"lst:init=pruned needs a store cached with --lst-prune {cfg.r}; this store has "
+                f"{info.lst_prune!r}. Re-run stage one with --lst-prune {cfg.r}"
+            )
+        if heads != info.num_heads or cfg.ff_mult != 4:
+            raise StoreMismatchError("lst:init=pruned keeps the backbone's heads and ff_mult=4")
+        store = open_store(info.path)
+        prefix = f"lst_init/r{cfg.r}"
+        keep = torch.from_numpy(store.extra(f"{prefix}/hidden_index"))
+        select = torch.zeros(len(keep), info.hidden_size)
+        select[torch.arange(len(keep)), keep] = 1.0
+        for lin in (self.down_in, *self.down):
+            lin.weight.copy_(select)
+            lin.bias.zero_()
+        self.up.weight.copy_(select.T)
+        self.up.bias.zero_()
+        for block, layer in zip(self.blocks, ladders, strict=True):
+            assert isinstance(block, SideBlock)
+            pairs = [(block.qkv, "qkv"), (block.proj, "proj"), (block.ff[0], "ff1"),
+                     (block.ff[2], "ff2")]  # fmt: skip
+            for lin, name in pairs:
+                for part in ("weight", "bias"):
+                    data = store.extra(f"{prefix}/block{layer}/{name}_{part}")
+                    getattr(lin, part).copy_(torch.from_numpy(data))
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
         hidden, mask = batch.padded(batch.hidden)  # (B, T, L, D), (B, T)

@@ -1,0 +1,550 @@
+"""Stage-two benchmark: streaming cost, K-per-pass cost and peak memory of training side networks.
+
+What it measures on this machine (MiniLM over SST-2 by default; the training store is the first
+``--limit`` = 10,000 samples of SST-2 train, the eval store is SST-2 dev in full, both bfloat16,
+every layer and token, ``--max-length 128``):
+
+(a) **Streaming vs in-RAM throughput.** Two :class:`pipeline.loader.StoreLoader` over the same
+    training store, ``ram_budget=0`` (streaming: every epoch decompresses chunks off the Zarr
+    store on the loader's background thread) and ``ram_budget`` = 1 TiB (``in_ram``: the stored
+    rows are read once, kept in RAM, served in the same order). Each arm trains its own READ
+    (default sizes, same seed, batch 32) with :func:`pipeline.train.train_step`, so both arms see
+    identical batches and do identical arithmetic. Arms alternate per epoch (S R, R S, ...),
+    ``--epochs-a`` epochs each; the figure is median(streaming samples/s) / median(in-RAM
+    samples/s). A loader-only pass (no training) per arm is also timed, to show the raw read speed.
+    The store files are in the page cache (just written or read), so "streaming" measures
+    decompression and decoding, not disk reads.
+(b) **K side networks in one pass.** :func:`pipeline.train.run_train` (``progress=False``, the
+    default 4096 MB RAM budget, fresh output folders, ``--epochs-b`` epochs, evaluation included)
+    with K = 8 (read, lst, linear, mlp, each with seeds 1 and 2) vs K = 1 (``read`` seed 1), in
+    ABBA order over ``--repeats-b`` repeats; plus each of the other 7 networks alone, so the sum of
+    8 separate K = 1 runs can be compared with the one K = 8 pass.
+(c) **Peak memory.** Each run in a fresh subprocess: the idle baseline is ``python -c "import
+    torch"`` (its ``ru_maxrss``); a training child runs :func:`pipeline.train.run_train` for 1
+    epoch with ``read`` and ``linear``, batch 32, either streaming (``ram_budget_mb=0``) or in RAM
+    (budget 1 TiB), and reports its ``ru_maxrss``; the parent also polls the child's RSS with
+    psutil as a cross-check. Stores: MiniLM (6 layers, 384 wide) on 2,000 and on 10,000 SST-2
+    train samples, and a 12-layer 768-wide BERT built from ``transformers.BertConfig`` with random
+    weights (saved with ``save_pretrained`` next to the MiniLM tokenizer) on the same 2,000
+    samples; each with its own SST-2 dev store.
+
+Before each timed part it waits (polling every 30 s, at most 15 min) until no
+``benchmarks.stage_one`` process runs, logs ``ps aux --sort=-%cpu | head`` and records the load
+average. Stores are created with :func:`pipeline.cache.run_cache` when missing (a no-op when a
+complete identical store is there).
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.stage_two --work /tmp/bench2 --json /tmp/bench2/stage_two.json
+    .venv/bin/python -m benchmarks.stage_two --parts c   # just the memory part
+
+Progress goes to the log (stderr); the markdown tables go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from pipeline.cache import CacheConfig, run_cache
+from pipeline.loader import StoreLoader
+from pipeline.sidenets import StoreInfo, parse_spec
+from pipeline.train import TrainConfig, make_member, run_train, train_step
+from storage import open_store
+
+log = logging.getLogger("benchmarks.stage_two")
+REPO = Path(__file__).resolve().parent.parent
+GLUE = "/work/shared/data/glue"
+HUGE = 1 << 40  # a RAM budget every store fits
+KINDS = ("read", "lst", "linear", "mlp")
+
+BASELINE_CHILD = """
+import json, resource
+import torch
+print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                  "threads": torch.get_num_threads()}))
+"""
+
+TRAIN_CHILD = """
+import json, resource, sys, time
+import torch
+imported_torch = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from pipeline.train import TrainConfig, run_train
+imported_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+out = run_train(TrainConfig(**json.loads(sys.argv[1])))
+print(json.dumps({
+    "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    "after_torch_kb": imported_torch,
+    "after_imports_kb": imported_all,
+    "seconds": time.perf_counter() - started,
+    "params": {k: v["trainable_params"] for k, v in out.items()},
+    "has_transformers": "transformers" in sys.modules,
+}))
+"""
+
+
+# -- environment ---------------------------------------------------------------------------------
+def stage_one_pids() -> list[int]:
+    """Other python processes running benchmarks.stage_one."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if (
+            p.info["pid"] != os.getpid()
+            and "python" in cmd
+            and ("benchmarks.stage_one" in cmd or "benchmarks/stage_one.py" in cmd)
+        ):
+            found.append(int(p.info["pid"]))
+    return found
+
+
+def wait_quiet(label: str, poll: float = 30.0, limit: float = 900.0) -> dict[str, Any]:
+    """Wait until no stage-one benchmark runs (at most ``limit`` s); say what was running."""
+    top = subprocess.run(["ps", "aux", "--sort=-%cpu"], capture_output=True, text=True).stdout
+    log.info("%s: top processes:\n%s", label, "\n".join(x[:160] for x in top.splitlines()[:8]))
+    started = time.monotonic()
+    while (pids := stage_one_pids()) and time.monotonic() - started < limit:
+        log.info("%s: benchmarks.stage_one running (pids %s); waiting %.0f s", label, pids, poll)
+        time.sleep(poll)
+    pids = stage_one_pids()
+    if pids:
+        log.warning("%s: stage_one still running after %.0f s; measuring anyway", label, limit)
+    return {
+        "part": label,
+        "waited_s": round(time.monotonic() - started, 1),
+        "stage_one_running": bool(pids),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "nproc": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        "mem_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+# -- stores --------------------------------------------------------------------------------------
+def ensure_store(backbone: str, data: str, split: str, out: Path, limit: int | None) -> Path:
+    """Stage one into ``out`` unless a complete identical store is there."""
+    log.info("store %s (%s, %s, limit %s)", out, backbone, split, limit)
+    run_cache(
+        CacheConfig(
+            backbone=backbone,
+            data=data,
+            split=split,
+            out=str(out),
+            limit=limit,
+            max_length=128,
+            positions="all",
+            dtype="bfloat16",
+            device="cpu",
+            progress=False,
+        )
+    )
+    return out
+
+
+def build_bert(folder: Path) -> Path:
+    """A 12-layer, 768-wide BERT with random (seeded) weights and the MiniLM tokenizer."""
+    if (folder / "config.json").is_file():
+        return folder
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pipeline.backbone import resolve_source
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072
+    )
+    BertModel(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_source("minilm")).save_pretrained(folder)
+    return folder
+
+
+def store_facts(path: Path) -> dict[str, Any]:
+    s = open_store(path).summary()
+    keys = ("samples", "tokens", "hidden_size", "raw_bytes", "bytes_on_disk", "compression_ratio")
+    return {"layers": len(s["layers"]), **{k: s[k] for k in keys}}
+
+
+# -- (a) -----------------------------------------------------------------------------------------
+def part_a(train: Path, eval_: Path, epochs: int, batch: int, work: Path) -> dict[str, Any]:
+    env = wait_quiet("a")
+    reader = open_store(train)
+    info = StoreInfo.from_meta(reader.meta)
+    started = time.perf_counter()
+    loaders = {"ram": StoreLoader(reader, batch, shuffle=True, seed=0, ram_budget=HUGE)}
+    ram_load_s = time.perf_counter() - started
+    loaders["stream"] = StoreLoader(reader, batch, shuffle=True, seed=0, ram_budget=0)
+    assert loaders["ram"].in_ram and not loaders["stream"].in_ram
+    cfg = TrainConfig(str(train), str(eval_), ["read"], epochs, str(work / "a"), batch, 0, "cpu")
+    spec, dev = parse_spec("read"), torch.device("cpu")
+    members = {
+        arm: make_member("read", spec, info, epochs * len(loaders[arm]), cfg, dev)
+        for arm in loaders
+    }
+    n = reader.layout.n_samples
+    rows: dict[str, dict[str, list[float]]] = {
+        arm: {"train_sps": [], "train_cpu_s": [], "load_sps": []} for arm in loaders
+    }
+    for epoch in range(epochs):
+        order = ["stream", "ram"] if epoch % 2 == 0 else ["ram", "stream"]
+        for arm in order:
+            m, t0, c0 = members[arm], time.perf_counter(), time.process_time()
+            for b in loaders[arm].epoch(epoch):
+                train_step(m, b, info)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            rows[arm]["train_sps"].append(n / wall)
+            rows[arm]["train_cpu_s"].append(cpu)
+            log.info(
+                "(a) epoch %d %s: %.0f samples/s (%.1f s, cpu %.1f s), loss %.4f",
+                epoch,
+                arm,
+                n / wall,
+                wall,
+                cpu,
+                m.loss_sum / max(1, m.loss_count),
+            )
+            m.loss_sum = m.loss_count = 0
+    for epoch in range(epochs):  # loader only: the raw read speed of each arm
+        for arm in ["stream", "ram"] if epoch % 2 == 0 else ["ram", "stream"]:
+            t0 = time.perf_counter()
+            count = sum(len(b.lengths) for b in loaders[arm].epoch(epoch))
+            assert count == n
+            rows[arm]["load_sps"].append(n / (time.perf_counter() - t0))
+    med = {arm: {k: statistics.median(v) for k, v in r.items()} for arm, r in rows.items()}
+    ratio = med["stream"]["train_sps"] / med["ram"]["train_sps"]
+    log.info("(a) streaming / in-RAM = %.3f", ratio)
+    return {
+        "env": env,
+        "samples": n,
+        "batches_per_epoch": len(loaders["ram"]),
+        "epochs_per_arm": epochs,
+        "ram_load_s": ram_load_s,
+        "runs": rows,
+        "median": med,
+        "ratio_stream_over_ram": ratio,
+        "params": members["ram"].params,
+    }
+
+
+# -- (b) -----------------------------------------------------------------------------------------
+def timed_train(
+    train: Path,
+    eval_: Path,
+    specs: list[str],
+    epochs: int,
+    batch: int,
+    out: Path,
+) -> tuple[float, dict[str, Any]]:
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    res = run_train(
+        TrainConfig(
+            str(train), str(eval_), specs, epochs, str(out), batch, 0, "cpu", progress=False
+        )
+    )
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return wall, res
+
+
+def part_b(
+    train: Path,
+    eval_: Path,
+    epochs: int,
+    repeats: int,
+    batch: int,
+    work: Path,
+) -> dict[str, Any]:
+    env = wait_quiet("b")
+    eight = [f"{k}:seed={s},name={k}-s{s}" for k in KINDS for s in (1, 2)]
+    one = eight[0]  # read:seed=1,name=read-s1
+    k1: list[float] = []
+    k8: list[float] = []
+    singles: dict[str, list[float]] = {s: [] for s in eight[1:]}
+    member_s: dict[str, list[float]] = {}
+    single_member_s: dict[str, list[float]] = {}
+    params: dict[str, int] = {}
+    for r in range(repeats):
+        for arm in ["k1", "k8"] if r % 2 == 0 else ["k8", "k1"]:
+            specs = [one] if arm == "k1" else eight
+            wall, res = timed_train(train, eval_, specs, epochs, batch, work / f"b-{arm}")
+            (k1 if arm == "k1" else k8).append(wall)
+            log.info("(b) repeat %d %s: %.1f s", r, arm, wall)
+            for name, m in res.items():
+                params[name] = m["trainable_params"]
+                if arm == "k8":
+                    member_s.setdefault(name, []).append(m["wall_time_s"])
+                else:
+                    single_member_s.setdefault(name, []).append(m["wall_time_s"])
+        for spec in eight[1:]:
+            wall, res = timed_train(train, eval_, [spec], epochs, batch, work / "b-single")
+            singles[spec].append(wall)
+            for name, m in res.items():
+                single_member_s.setdefault(name, []).append(m["wall_time_s"])
+            log.info("(b) repeat %d alone %s: %.1f s", r, spec, wall)
+    sums = [k1[r] + sum(singles[s][r] for s in singles) for r in range(repeats)]
+    out = {
+        "env": env,
+        "epochs": epochs,
+        "repeats": repeats,
+        "specs_k8": eight,
+        "spec_k1": one,
+        "k1_s": k1,
+        "k8_s": k8,
+        "singles_s": singles,
+        "sum_of_8_separate_s": sums,
+        "ratio_k8_over_k1": statistics.median(k8) / statistics.median(k1),
+        "ratio_sum8_over_k8": statistics.median(sums) / statistics.median(k8),
+        "member_compute_s_in_k8": {k: statistics.median(v) for k, v in member_s.items()},
+        "member_compute_s_alone": {k: statistics.median(v) for k, v in single_member_s.items()},
+        "single_wall_s": {s.split("name=")[1]: statistics.median(v) for s, v in singles.items()}
+        | {"read-s1": statistics.median(k1)},
+        "params": params,
+    }
+    log.info(
+        "(b) K8/K1 = %.3f, sum of 8 alone / K8 = %.3f",
+        out["ratio_k8_over_k1"],
+        out["ratio_sum8_over_k8"],
+    )
+    return out
+
+
+# -- (c) -----------------------------------------------------------------------------------------
+def run_child(code: str, args: list[str]) -> dict[str, Any]:
+    """Run ``code`` in a fresh interpreter, poll its RSS, return its JSON line plus the poll."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peak = [0]
+
+    def poll() -> None:
+        try:
+            p = psutil.Process(proc.pid)
+            while proc.poll() is None:
+                peak[0] = max(peak[0], p.memory_info().rss)
+                time.sleep(0.02)
+        except psutil.Error:
+            pass
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    stdout, stderr = proc.communicate()
+    watcher.join()
+    if proc.returncode:
+        raise RuntimeError(f"child failed ({proc.returncode}): {stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    result["polled_peak_kb"] = peak[0] // 1024
+    return result
+
+
+def part_c(stores: dict[str, tuple[Path, Path]], batch: int, work: Path) -> dict[str, Any]:
+    env = wait_quiet("c")
+    base = [run_child(BASELINE_CHILD, [])["maxrss_kb"] for _ in range(3)]
+    baseline_kb = statistics.median(base)
+    log.info("(c) idle python + torch: %.1f MB (runs %s)", baseline_kb / 1024, base)
+    runs: list[dict[str, Any]] = []
+    for label, (train, eval_) in stores.items():
+        for mode, budget in (("streaming", 0), ("in RAM", HUGE >> 20)):
+            out = work / "c-run"
+            shutil.rmtree(out, ignore_errors=True)
+            cfg = {
+                "train": str(train),
+                "eval": str(eval_),
+                "specs": ["read", "linear"],
+                "epochs": 1,
+                "out": str(out),
+                "batch_size": batch,
+                "device": "cpu",
+                "ram_budget_mb": budget,
+                "progress": False,
+            }
+            res = run_child(TRAIN_CHILD, [json.dumps(cfg)])
+            shutil.rmtree(out, ignore_errors=True)
+            res.update(
+                store=label,
+                mode=mode,
+                train_store=store_facts(train),
+                eval_store=store_facts(eval_),
+                above_baseline_mb=(res["maxrss_kb"] - baseline_kb) / 1024,
+            )
+            log.info(
+                "(c) %s %s: peak %.1f MB, %.1f MB above baseline (polled %.1f MB)",
+                label,
+                mode,
+                res["maxrss_kb"] / 1024,
+                res["above_baseline_mb"],
+                res["polled_peak_kb"] / 1024,
+            )
+            runs.append(res)
+    return {"env": env, "baseline_kb": baseline_kb, "baseline_runs_kb": base, "runs": runs}
+
+
+# -- report --------------------------------------------------------------------------------------
+def report(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        f"machine: {m['nproc']} CPUs, torch {m['torch']}, torch threads {m['torch_threads']}, "
+        f"{m['mem_gb']} GB RAM, python {m['python']}",
+        "",
+    ]
+    if "a" in res:
+        a = res["a"]
+        lines += [
+            f"### (a) streaming vs in-RAM, READ, batch 32, {a['samples']} samples, "
+            f"{a['epochs_per_arm']} epochs per arm (medians)",
+            "",
+            "| arm | train samples/s | train CPU s/epoch | loader-only samples/s |",
+            "|---|---:|---:|---:|",
+        ]
+        for arm, name in (("stream", "streaming (ram_budget=0)"), ("ram", "in RAM")):
+            med = a["median"][arm]
+            lines.append(
+                f"| {name} | {med['train_sps']:.0f} | {med['train_cpu_s']:.1f} | "
+                f"{med['load_sps']:.0f} |"
+            )
+        lines += [
+            "",
+            f"**streaming / in-RAM = {a['ratio_stream_over_ram']:.3f}** (target ≥ 0.8); "
+            f"one-off RAM load {a['ram_load_s']:.1f} s",
+            "",
+        ]
+    if "b" in res:
+        b = res["b"]
+        lines += [
+            f"### (b) K side networks per pass, {b['epochs']} epoch(s), medians of "
+            f"{b['repeats']} repeats",
+            "",
+            "| run | wall s |",
+            "|---|---:|",
+            f"| K=1 (read) | {statistics.median(b['k1_s']):.1f} |",
+            f"| K=8 (read, lst, linear, mlp × seeds 1, 2) | {statistics.median(b['k8_s']):.1f} |",
+            f"| sum of the 8 run separately | {statistics.median(b['sum_of_8_separate_s']):.1f} |",
+            "",
+            f"**K=8 / K=1 = {b['ratio_k8_over_k1']:.2f}** (target ≤ 2.5); "
+            f"**sum of 8 separate / K=8 = {b['ratio_sum8_over_k8']:.2f}**",
+            "",
+            "| network | params | alone: wall s | alone: own compute s | in K=8: own compute s |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, p in b["params"].items():
+            lines.append(
+                f"| {name} | {p:,} | {b['single_wall_s'].get(name, 0):.1f} | "
+                f"{b['member_compute_s_alone'].get(name, 0):.1f} | "
+                f"{b['member_compute_s_in_k8'].get(name, 0):.1f} |"
+            )
+        lines.append("")
+    if "c" in res:
+        c = res["c"]
+        lines += [
+            f"### (c) peak RSS of stage two (read + linear, batch 32, 1 epoch) above idle "
+            f"`python -c 'import torch'` = {c['baseline_kb'] / 1024:.0f} MB",
+            "",
+            "| store | layers × width | train samples | train raw / on disk MB | mode | "
+            "peak MB | above baseline MB | polled peak MB |",
+            "|---|---|---:|---:|---|---:|---:|---:|",
+        ]
+        for r in c["runs"]:
+            s = r["train_store"]
+            lines.append(
+                f"| {r['store']} | {s['layers']} × {s['hidden_size']} | {s['samples']} | "
+                f"{s['raw_bytes'] / 1e6:.0f} / {s['bytes_on_disk'] / 1e6:.0f} | {r['mode']} | "
+                f"{r['maxrss_kb'] / 1024:.0f} | **{r['above_baseline_mb']:.0f}** | "
+                f"{r['polled_peak_kb'] / 1024:.0f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench2"), help="stores and outputs")
+    p.add_argument("--limit", type=int, default=10000, help="SST-2 train samples for (a), (b)")
+    p.add_argument("--mem-limit", type=int, default=2000, help="SST-2 train samples for (c)")
+    p.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ab'")
+    p.add_argument("--epochs-a", type=int, default=3, help="epochs per arm in (a)")
+    p.add_argument("--epochs-b", type=int, default=1, help="epochs per run_train in (b)")
+    p.add_argument("--repeats-b", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", type=Path, default=None, help="save every figure here")
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stores, sst2 = args.work / "stores", f"glue:{GLUE}/SST-2"
+    train = ensure_store(
+        "minilm", sst2, "train", stores / f"sst2-train{args.limit // 1000}k", args.limit
+    )
+    dev = ensure_store("minilm", sst2, "dev", stores / "sst2-dev", None)
+    res: dict[str, Any] = {
+        "machine": machine(),
+        "train_store": store_facts(train),
+        "eval_store": store_facts(dev),
+        "argv": sys.argv,
+    }
+    if "a" in args.parts:
+        res["a"] = part_a(train, dev, args.epochs_a, args.batch_size, args.work / "out")
+    if "b" in args.parts:
+        res["b"] = part_b(
+            train, dev, args.epochs_b, args.repeats_b, args.batch_size, args.work / "out"
+        )
+    if "c" in args.parts:
+        bert = str(build_bert(args.work / "bert768-random"))
+        small = f"{args.mem_limit // 1000}k"
+        mem = {
+            f"MiniLM {small}": (
+                ensure_store(
+                    "minilm", sst2, "train", stores / f"sst2-train{small}", args.mem_limit
+                ),
+                dev,
+            ),
+            f"MiniLM {args.limit // 1000}k": (train, dev),
+            f"BERT-768×12 {small}": (
+                ensure_store(
+                    bert, sst2, "train", stores / f"bert768-sst2-train{small}", args.mem_limit
+                ),
+                ensure_store(bert, sst2, "dev", stores / "bert768-sst2-dev", None),
+            ),
+        }
+        res["c"] = part_c(mem, args.batch_size, args.work / "out")
+    text = report(res)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2, default=str))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""LST's pruned-backbone initialisation: computed in stage one, loaded in stage two."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.backbone import load_backbone
+from pipeline.sidenets import StoreInfo, build, parse_spec
+from pipeline.sidenets.lst import Lst
+from storage import StoreMismatchError, open_store
+from tests.conftest import _save, small_cache
+
+
+@pytest.fixture(scope="module")
+def wide_ff_bert(tmp_path_factory) -> str:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)  # fmt: skip
+    return _save(BertModel(cfg), tmp_path_factory.mktemp("wide"))
+
+
+def test_r1_keeps_every_weight_and_r2_keeps_sub_blocks(wide_ff_bert, glue_dir, tmp_path):
+    bb = load_backbone(wide_ff_bert, "cpu")
+    for r in (1, 2):
+        out = tmp_path / f"r{r}"
+        small_cache(wide_ff_bert, f"glue:{glue_dir}", out, lst_prune=r)
+        store = open_store(out)
+        keep = store.extra(f"lst_init/r{r}/hidden_index")
+        assert len(keep) == 32 // r
+        for i, block in enumerate(bb.blocks, start=1):
+            q = block.attention.self.query.weight.detach().numpy()
+            qkv = store.extra(f"lst_init/r{r}/block{i}/qkv_weight")
+            assert qkv.shape == (3 * 32 // r, 32 // r)
+            if r == 1:
+                assert (keep == range(32)).all()
+                assert (qkv[:32] == q).all()
+            else:
+                assert set(qkv[:16].ravel().tolist()) <= set(q.ravel().tolist())
+
+
+def test_lst_starts_from_the_stored_pruned_blocks(wide_ff_bert, glue_dir, tmp_path):
+    out = tmp_path / "s"
+    small_cache(wide_ff_bert, f"glue:{glue_dir}", out, lst_prune=2)
+    store = open_store(out)
+    info = StoreInfo.from_meta(store.meta, str(out))
+    model = build(parse_spec("lst:r=2,init=pruned"), info)
+    assert isinstance(model, Lst)
+    for block, layer in zip(model.blocks, (1, 2), strict=True):
+        want = store.extra(f"lst_init/r2/block{layer}/ff2_weight")
+        assert torch.equal(block.ff[2].weight, torch.from_numpy(want))
+    keep = store.extra("lst_init/r2/hidden_index")
+    assert torch.equal(model.down_in.weight.argmax(1), torch.from_numpy(keep))
+    with pytest.raises(StoreMismatchError, match="--lst-prune 4"):
+        build(parse_spec("lst:r=4,init=pruned"), info)
+    plain = StoreInfo.from_meta(open_store(out).meta)  # no path: cannot read the extras
+    with pytest.raises(StoreMismatchError):
+        build(parse_spec("lst:r=2,init=pruned"), plain)
