@@ -100,7 +100,8 @@ def create_store(
     """Create (or resume) the store at ``path``; ``None`` when an identical store is complete.
 
     ``arrays`` holds the small per-sample arrays: ``offsets``, ``token_offsets``,
-    ``token_ids``, ``labels`` and, when the layout says so, ``token_type_ids``.
+    ``token_ids``, ``labels`` and, when the layout says so, ``token_type_ids``; any other entry
+    is stored as is (e.g. ``lst_init/...``). A resumed store keeps the arrays it has.
     """
     target = Path(path)
     meta = make_metadata(layout, identity, task)
@@ -220,7 +221,6 @@ class StoreWriter:
         self._tail: list[_Segment] = []
         self._tail_rows = 0
         self._next_shard = 0
-        self.rows_written = 0
 
     # -- what still has to be computed ------------------------------------------------------
     def _read_done(self) -> np.ndarray:
@@ -308,7 +308,6 @@ class StoreWriter:
                     self._scales[j][start:stop] = scales
             stats = np.concatenate([p.stats for p in parts])
             self._progress[shard] = shard_stats(stats)
-            self.rows_written += stop - start
         finally:
             self._slots.release()
 
