@@ -47,7 +47,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench-stage-one: $(STAMP)
-	$(BIN)/python benchmarks/stage_one.py
+	$(BIN)/python -m benchmarks.stage_one --repeats 2
 
 clean:
 	rm -rf $(VENV) $(STORES) .pytest_cache .mypy_cache .ruff_cache

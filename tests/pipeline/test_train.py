@@ -137,3 +137,22 @@ def test_stage_two_never_imports_transformers(stores, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_regression_task_trains_with_mse_and_reports_correlations(model_dir, tmp_path):
+    from tests.conftest import sentences
+
+    for split, seed in (("train", 1), ("dev", 2)):
+        rows = sentences(80, seed)
+        text = "".join(f"{t},{len(t.split()) / 5:.2f}\n" for t, _ in rows)  # target: length
+        (tmp_path / f"{split}.csv").write_text("sentence,score\n" + text)
+        small_cache(model_dir("bert"), f"csv:{tmp_path}", tmp_path / f"s-{split}", split=split)
+    result = run_train(TrainConfig(
+        train=str(tmp_path / "s-train"), eval=str(tmp_path / "s-dev"),
+        specs=["read:hidden=16,pool=mean,lr=3e-3", "linear:pool=mean,lr=1e-2"], epochs=6,
+        out=str(tmp_path / "o"), batch_size=16, progress=False,
+    ))  # fmt: skip
+    for name in ("read", "linear"):
+        best = result[name]["eval"]["best"]
+        assert set(best) == {"pearson", "spearman", "score"}
+    assert result["read"]["eval"]["best"]["pearson"] > 0.3  # it learns; random would be near 0
