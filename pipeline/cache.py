@@ -50,7 +50,9 @@ class CacheConfig:
     columns: ColumnOptions = field(default_factory=ColumnOptions)
     token_budget: int = 4096
     max_batch: int = 256
-    window_mb: float = 256.0
+    # samples are length-sorted within windows of this many stored MB, which stage one holds
+    # in RAM until written: 1 GB keeps SST-2 padding near 2% (256 MB: 8%) for MiniLM
+    window_mb: float = 1024.0
     chunk_mb: float = 4.0
     shard_chunks: int = 8
     writer_threads: int = 2
