@@ -14,6 +14,7 @@ COMMANDS = {
     "inspect": "stages.inspect",
     "verify": "stages.verify",
     "train": "stages.train",
+    "predict": "stages.predict",
 }
 USAGE = "usage: sidecache {" + ",".join(COMMANDS) + "} [options]   (sidecache COMMAND -h for help)"
 

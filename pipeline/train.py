@@ -38,6 +38,7 @@ SAME_SOURCE = (
     "layout.hidden_size",
     "layout.layers",
     "layout.positions",
+    "layout.dtype",
     "task.type",
     "task.num_labels",
 )
@@ -68,6 +69,7 @@ class Member:
     sched: torch.optim.lr_scheduler.LambdaLR
     rng: torch.Tensor
     folder: Path
+    eval_batch: int
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     best_epoch: int = -1
@@ -128,7 +130,12 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
         model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay
     )
     sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule(total, spec.train.warmup))
-    return Member(name, spec, model, optim, sched, rng, Path(cfg.out) / name)
+    return Member(name, spec, model, optim, sched, rng, Path(cfg.out) / name, eval_batch_size(cfg))
+
+
+def eval_batch_size(cfg: TrainConfig) -> int:
+    """Evaluation batches: consecutive samples in store order, this many at a time."""
+    return max(cfg.batch_size, 64)
 
 
 def checkpoint(m: Member, info: StoreInfo, identity: dict[str, Any], full: bool) -> dict[str, Any]:
@@ -141,6 +148,7 @@ def checkpoint(m: Member, info: StoreInfo, identity: dict[str, Any], full: bool)
         "store_identity": identity,
         "state_dict": m.model.state_dict(),
         "epoch": m.epochs_done,
+        "eval_batch_size": m.eval_batch,
     }
     if full:
         state.update(
@@ -282,9 +290,7 @@ def run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     loader = StoreLoader(
         train_reader, cfg.batch_size, shuffle=True, seed=cfg.seed, ram_budget=budget
     )
-    eval_loader = StoreLoader(
-        eval_reader, max(cfg.batch_size, 64), shuffle=False, ram_budget=budget
-    )
+    eval_loader = StoreLoader(eval_reader, eval_batch_size(cfg), shuffle=False, ram_budget=budget)
     total = cfg.epochs * len(loader)
     members = [
         make_member(n, s, info, total, cfg, device) for n, s in zip(names, specs, strict=True)

@@ -25,6 +25,7 @@ class StoreInfo:
     num_heads: int
     causal: bool
     task: dict[str, Any]
+    dtype: str = "float32"  # stored dtype (rounding applied to the rows)
     path: str = ""  # where the store is, for side networks that read extras (LST's init)
     lst_prune: int | None = None  # r of the pruned-backbone initialisation stored, if any
 
@@ -43,6 +44,7 @@ class StoreInfo:
             num_heads=int(backbone.get("num_attention_heads") or 1),
             causal=str(backbone.get("pooling")) == "last",
             task=dict(meta["task"]),
+            dtype=str(meta["layout"]["dtype"]),
             path=path,
             lst_prune=meta["identity"].get("extraction", {}).get("lst_prune"),
         )
@@ -57,6 +59,7 @@ class StoreInfo:
             "causal": self.causal,
             "task": self.task,
             "lst_prune": self.lst_prune,
+            "dtype": self.dtype,
         }
 
 

@@ -1,0 +1,151 @@
+"""Use a trained side network on new text: backbone -> the stored rows' rounding -> side network.
+
+:class:`Predictor` joins the backbone recorded in a run's checkpoint with the side network into
+one ``torch.nn.Module`` (token ids in, outputs out). :func:`predict` runs it over a whole dataset
+the way stage one and stage two did: the same length-bucketed batch plan for the backbone, the
+same stored-dtype rounding, and the side network over consecutive samples in the evaluation
+batch size, so predictions on a cached split equal stage two's evaluation of that split.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.backbone import Backbone, load_backbone
+from pipeline.data import TextData
+from pipeline.errors import ConfigError, StoreMismatchError
+from pipeline.extract import DeviceBatch, encode, forward_rows, make_batch
+from pipeline.sidenets import SideBatch, StoreInfo, build, parse_spec
+from pipeline.tokens import PlanSettings, Tokenized, plan_batches, tokenize
+from storage import decode_rows
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(run: str | Path) -> dict[str, Any]:
+    path = Path(run)
+    path = path / "best.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at {path}: pass --run OUT/<name> of a 'sidecache train'")
+    return dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def check_identity(state: dict[str, Any], bb: Backbone) -> None:
+    """Refuse a backbone or tokenizer other than the one the side network was trained on."""
+    want = state["store_identity"]
+    for key in ("config_hash", "weights_hash"):
+        if want["backbone"][key] != bb.identity[key]:
+            raise StoreMismatchError(
+                f"the side network was trained on hidden states of backbone "
+                f"{want['backbone']['name']!r} ({key} {want['backbone'][key][:12]}...), but the "
+                f"loaded backbone has {key} {bb.identity[key][:12]}...; load the same backbone "
+                "(--backbone, --revision)"
+            )
+    if want["tokenizer"]["hash"] != bb.tokenizer_identity["hash"]:
+        raise StoreMismatchError(
+            "the tokenizer differs from the one used to cache the training data "
+            f"(hash {want['tokenizer']['hash'][:12]}... vs {bb.tokenizer_identity['hash'][:12]}...)"
+        )
+
+
+class Predictor(nn.Module):
+    """Backbone + side network as one module: ``forward(input_ids, attention_mask,
+    token_type_ids=None) -> (B, C)`` logits (or ``(B, 1)`` regression values)."""
+
+    def __init__(self, bb: Backbone, sidenet: nn.Module, info: StoreInfo, dtype: str):
+        super().__init__()
+        self.bb, self.sidenet, self.info, self.dtype = bb, sidenet.eval(), info, dtype
+        self.layers = list(info.layers)
+
+    def rows(self, batch: DeviceBatch) -> list[np.ndarray]:
+        """Per sample ``(rows, L, D)`` float32, rounded exactly like the store."""
+        per_layer = []
+        for x in forward_rows(self.bb, batch, self.layers, self.info.positions):
+            data, scale = encode(x, self.dtype)
+            per_layer.append(decode_rows(data, self.dtype, scale))
+        stacked = np.stack(per_layer, axis=1)  # (R, L, D)
+        lengths = batch.lengths.cpu().numpy()
+        counts = lengths if self.info.positions == "all" else np.ones_like(lengths)
+        return np.split(stacked, np.cumsum(counts)[:-1])
+
+    @torch.no_grad()
+    def side(self, rows: list[np.ndarray], device: torch.device) -> torch.Tensor:
+        batch = SideBatch(
+            hidden=torch.from_numpy(np.concatenate(rows)),
+            lengths=torch.tensor([len(r) for r in rows], dtype=torch.int64),
+            labels=torch.zeros(len(rows)),
+            samples=torch.arange(len(rows)),
+        ).to(device)
+        return self.sidenet(batch)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch = DeviceBatch(
+            samples=np.arange(input_ids.shape[0]),
+            input_ids=input_ids.to(self.bb.device),
+            attention_mask=attention_mask.to(self.bb.device),
+            token_type_ids=None if token_type_ids is None else token_type_ids.to(self.bb.device),
+            lengths=attention_mask.sum(1).to(self.bb.device),
+        )
+        return self.side(self.rows(batch), self.bb.device)
+
+
+@dataclass
+class Loaded:
+    predictor: Predictor
+    state: dict[str, Any]
+    plan: PlanSettings
+    max_length: int
+
+
+def load_predictor(run: str | Path, device: str = "auto", backbone: str | None = None) -> Loaded:
+    """A trained side network (``OUT/<name>``) with the backbone it was trained on."""
+    state = load_checkpoint(run)
+    ident = state["store_identity"]
+    bb = load_backbone(backbone or ident["backbone"]["name"], device, ident["backbone"]["revision"])
+    check_identity(state, bb)
+    info = StoreInfo(**{**state["store_info"], "layers": tuple(state["store_info"]["layers"])})
+    spec = parse_spec(state["spec"])
+    sidenet = build(spec, info)  # LST's pruned init is overwritten by the weights right after
+    sidenet.load_state_dict(state["state_dict"])
+    ex = ident["extraction"]
+    plan = PlanSettings(int(ex["token_budget"]), int(ex["max_batch"]), int(ex["window_rows"]))
+    predictor = Predictor(bb, sidenet.to(bb.device), info, info.dtype)
+    return Loaded(predictor, state, plan, int(ident["tokenizer"]["max_length"]))
+
+
+def predict(loaded: Loaded, data: TextData) -> np.ndarray:
+    """Outputs ``(N, C)`` for every sample of ``data``, in order."""
+    p = loaded.predictor
+    started = time.perf_counter()
+    tok: Tokenized = tokenize(p.bb.tokenizer, data, loaded.max_length, p.bb.takes_token_type_ids)
+    per_sample = tok.lengths if p.info.positions == "all" else np.ones(len(tok.lengths), np.int64)
+    ready: dict[int, np.ndarray] = {}
+    outputs: list[np.ndarray] = []
+    step, next_sample = int(loaded.state.get("eval_batch_size", 64)), 0
+    for samples in plan_batches(tok.lengths, per_sample, loaded.plan):
+        rows = p.rows(make_batch(tok, samples, p.bb.device))
+        ready.update(zip(samples.tolist(), rows, strict=True))
+        while all(i in ready for i in range(next_sample, min(next_sample + step, len(data)))):
+            chunk = range(next_sample, min(next_sample + step, len(data)))
+            if not chunk:
+                break
+            outputs.append(p.side([ready.pop(i) for i in chunk], p.bb.device).float().cpu().numpy())
+            next_sample = chunk.stop
+    seconds = time.perf_counter() - started
+    log.info("predicted %d samples (%d tokens) in %.1f s: %.0f samples/s, %.0f tokens/s",
+             len(data), int(tok.offsets[-1]), seconds, len(data) / seconds,
+             tok.offsets[-1] / seconds)  # fmt: skip
+    return np.concatenate(outputs)
