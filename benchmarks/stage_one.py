@@ -71,7 +71,7 @@ import pipeline.cache as cache_mod
 import pipeline.extract as extract_mod
 from pipeline.backbone import Backbone, hidden_states, load_backbone, parse_layers
 from pipeline.cache import CacheConfig, plan_settings, run_cache
-from pipeline.data import TextData, load_data
+from pipeline.data import TextData, head, load_data
 from pipeline.extract import make_batch
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
 from storage import open_store, parse_codec
@@ -119,22 +119,12 @@ class Prepared:
         return int(self.tok.offsets[-1])
 
 
-def limit_data(data: TextData, limit: int | None) -> TextData:
-    """The first ``limit`` samples of ``data`` (fingerprint recomputed), or ``data`` itself."""
-    if limit is None or limit >= len(data):
-        return data
-    pairs = None if data.pairs is None else data.pairs[:limit]
-    return TextData(
-        data.spec, data.split, data.texts[:limit], pairs, data.labels[:limit], data.task
-    )
-
-
-def prepare(cfg: CacheConfig, limit: int | None) -> Prepared:
+def prepare(cfg: CacheConfig) -> Prepared:
     """Load, truncate and tokenise as run_cache does, and compute the plan it will use."""
     if cfg.positions != "all":
         raise SystemExit("this benchmark stores every token (positions 'all')")
     started = time.perf_counter()
-    data = limit_data(load_data(cfg.data, cfg.split, cfg.columns), limit)
+    data = head(load_data(cfg.data, cfg.split, cfg.columns), cfg.limit)
     bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
     loaded = time.perf_counter()
     layers = parse_layers(cfg.layers, bb.n_layers)
@@ -536,7 +526,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=torch.get_num_threads(),
         help="torch.set_num_threads (default: torch's own default on this machine)",
     )
-    p.add_argument("--window-mb", type=int, default=CacheConfig.window_mb, help="CacheConfig")
+    p.add_argument("--window-mb", type=float, default=CacheConfig.window_mb, help="CacheConfig")
     p.add_argument("--token-budget", type=int, default=CacheConfig.token_budget, help="CacheConfig")
     p.add_argument("--max-batch", type=int, default=CacheConfig.max_batch, help="CacheConfig")
     p.add_argument("--zarr-max-workers", type=int, default=None, help="threading.max_workers")
@@ -578,6 +568,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         backbone=args.backbone,
         data=args.data,
         split=args.split,
+        limit=args.limit,
         out=str(root / "store"),
         device="cpu",
         codec=args.codec,
@@ -588,7 +579,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         overwrite=True,
         progress=False,
     )
-    prep = prepare(cfg, args.limit)
+    prep = prepare(cfg)
     log.info(
         "prepared %d samples, %d tokens, %d batches in %.1f s (load) + %.1f s (tokenise); "
         "torch threads %d",

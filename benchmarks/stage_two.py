@@ -20,9 +20,9 @@ every layer and token, ``--max-length 128``):
     ABBA order over ``--repeats-b`` repeats; plus each of the other 7 networks alone, so the sum of
     8 separate K = 1 runs can be compared with the one K = 8 pass.
 (c) **Peak memory.** Each run in a fresh subprocess: the idle baseline is ``python -c "import
-    torch"`` (its ``ru_maxrss``); a training child runs :func:`pipeline.train.run_train` for 1
+    torch"`` (its peak RSS, ``VmHWM``); a training child runs :func:`pipeline.train.run_train` for 1
     epoch with ``read`` and ``linear``, batch 32, either streaming (``ram_budget_mb=0``) or in RAM
-    (budget 1 TiB), and reports its ``ru_maxrss``; the parent also polls the child's RSS with
+    (budget 1 TiB), and reports its ``VmHWM``; the parent also polls the child's RSS with
     psutil as a cross-check. Stores: MiniLM (6 layers, 384 wide) on 2,000 and on 10,000 SST-2
     train samples, and a 12-layer 768-wide BERT built from ``transformers.BertConfig`` with random
     weights (saved with ``save_pretrained`` next to the MiniLM tokenizer) on the same 2,000
@@ -61,6 +61,7 @@ import psutil
 import torch
 
 from pipeline.cache import CacheConfig, run_cache
+from pipeline.errors import SidecacheError
 from pipeline.loader import StoreLoader
 from pipeline.sidenets import StoreInfo, parse_spec
 from pipeline.train import TrainConfig, make_member, run_train, train_step
@@ -72,23 +73,36 @@ GLUE = "/work/shared/data/glue"
 HUGE = 1 << 40  # a RAM budget every store fits
 KINDS = ("read", "lst", "linear", "mlp")
 
-BASELINE_CHILD = """
-import json, resource
-import torch
-print(json.dumps({"maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  "threads": torch.get_num_threads()}))
+# Peak RSS is VmHWM of /proc/self/status: the high-water mark of this process image. (ru_maxrss
+# is no good here: Linux carries the forked copy of the parent's peak across exec.)
+HWM = """
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
 """
 
-TRAIN_CHILD = """
-import json, resource, sys, time
+BASELINE_CHILD = (
+    HWM
+    + """
+import json
 import torch
-imported_torch = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"maxrss_kb": hwm(), "threads": torch.get_num_threads()}))
+"""
+)
+
+TRAIN_CHILD = (
+    HWM
+    + """
+import json, sys, time
+import torch
+imported_torch = hwm()
 from pipeline.train import TrainConfig, run_train
-imported_all = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+imported_all = hwm()
 started = time.perf_counter()
 out = run_train(TrainConfig(**json.loads(sys.argv[1])))
 print(json.dumps({
-    "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    "maxrss_kb": hwm(),
     "after_torch_kb": imported_torch,
     "after_imports_kb": imported_all,
     "seconds": time.perf_counter() - started,
@@ -96,6 +110,7 @@ print(json.dumps({
     "has_transformers": "transformers" in sys.modules,
 }))
 """
+)
 
 
 # -- environment ---------------------------------------------------------------------------------
@@ -116,8 +131,51 @@ def stage_one_pids() -> list[int]:
     return found
 
 
-def wait_quiet(label: str, poll: float = 30.0, limit: float = 900.0) -> dict[str, Any]:
-    """Wait until no stage-one benchmark runs (at most ``limit`` s); say what was running."""
+def busy_cpu_s() -> tuple[float, float]:
+    """(CPU seconds the whole machine spent busy, CPU seconds of this process and its reaped
+    children) since boot."""
+    t = psutil.cpu_times()
+    busy = sum(t) - t.idle - getattr(t, "iowait", 0.0)
+    own = psutil.Process().cpu_times()
+    return busy, own.user + own.system + own.children_user + own.children_system
+
+
+class Watch:
+    """What else ran during a measured part: other processes' CPU seconds and whether a
+    stage-one benchmark was seen (polled every 10 s on a daemon thread)."""
+
+    def __init__(self, env: dict[str, Any]):
+        self.env, self.seen, self.stop = env, False, threading.Event()
+        self.start = busy_cpu_s()
+        self.t0 = time.monotonic()
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self) -> None:
+        while not self.stop.wait(10.0):
+            self.seen = self.seen or bool(stage_one_pids())
+
+    def done(self) -> dict[str, Any]:
+        self.stop.set()
+        busy, own = busy_cpu_s()
+        self.env.update(
+            seconds=round(time.monotonic() - self.t0, 1),
+            other_cpu_s=round((busy - self.start[0]) - (own - self.start[1]), 1),
+            stage_one_seen_during=self.seen or bool(stage_one_pids()),
+            loadavg_end=os.getloadavg(),
+        )
+        log.info(
+            "%s: other processes used %.1f CPU s during %.0f s; stage_one seen: %s",
+            self.env["part"],
+            self.env["other_cpu_s"],
+            self.env["seconds"],
+            self.env["stage_one_seen_during"],
+        )
+        return self.env
+
+
+def wait_quiet(label: str, limit: float, poll: float = 30.0) -> Watch:
+    """Wait until no stage-one benchmark runs (at most ``limit`` s), say what was running, and
+    start watching what else runs during the part."""
     top = subprocess.run(["ps", "aux", "--sort=-%cpu"], capture_output=True, text=True).stdout
     log.info("%s: top processes:\n%s", label, "\n".join(x[:160] for x in top.splitlines()[:8]))
     started = time.monotonic()
@@ -127,12 +185,14 @@ def wait_quiet(label: str, poll: float = 30.0, limit: float = 900.0) -> dict[str
     pids = stage_one_pids()
     if pids:
         log.warning("%s: stage_one still running after %.0f s; measuring anyway", label, limit)
-    return {
-        "part": label,
-        "waited_s": round(time.monotonic() - started, 1),
-        "stage_one_running": bool(pids),
-        "loadavg": os.getloadavg(),
-    }
+    return Watch(
+        {
+            "part": label,
+            "waited_s": round(time.monotonic() - started, 1),
+            "stage_one_running_at_start": bool(pids),
+            "loadavg_start": os.getloadavg(),
+        }
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -149,8 +209,26 @@ def machine() -> dict[str, Any]:
 
 # -- stores --------------------------------------------------------------------------------------
 def ensure_store(backbone: str, data: str, split: str, out: Path, limit: int | None) -> Path:
-    """Stage one into ``out`` unless a complete identical store is there."""
-    log.info("store %s (%s, %s, limit %s)", out, backbone, split, limit)
+    """Reuse a complete store at ``out`` holding this data and these settings, else stage one.
+
+    Only the settings that decide what the rows are (backbone, data, split, limit, max length,
+    positions, dtype) are compared, so a store written by an older stage one (another sort
+    window, say) is still reused."""
+    want = {
+        "identity.backbone.name": backbone,
+        "identity.dataset.spec": data,
+        "identity.dataset.split": split,
+        "identity.dataset.limit": limit,
+        "identity.tokenizer.max_length": 128,
+        "layout.positions": "all",
+        "layout.dtype": "bfloat16",
+    }
+    try:
+        open_store(out, expect=want)
+        log.info("store %s: reusing", out)
+        return out
+    except SidecacheError as exc:
+        log.info("store %s: (re)building (%s)", out, exc)
     run_cache(
         CacheConfig(
             backbone=backbone,
@@ -166,6 +244,19 @@ def ensure_store(backbone: str, data: str, split: str, out: Path, limit: int | N
         )
     )
     return out
+
+
+def git_state() -> str:
+    """The commit the measured code is at, plus whether pipeline/ or storage/ are modified."""
+    run = subprocess.run
+    head = run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = run(
+        ["git", "status", "--porcelain", "pipeline", "storage"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return head.stdout.strip() + (" (pipeline/storage modified)" if dirty else "")
 
 
 def build_bert(folder: Path) -> Path:
@@ -192,8 +283,10 @@ def store_facts(path: Path) -> dict[str, Any]:
 
 
 # -- (a) -----------------------------------------------------------------------------------------
-def part_a(train: Path, eval_: Path, epochs: int, batch: int, work: Path) -> dict[str, Any]:
-    env = wait_quiet("a")
+def part_a(
+    train: Path, eval_: Path, epochs: int, batch: int, work: Path, max_wait: float
+) -> dict[str, Any]:
+    watch = wait_quiet("a", max_wait)
     reader = open_store(train)
     info = StoreInfo.from_meta(reader.meta)
     started = time.perf_counter()
@@ -240,7 +333,7 @@ def part_a(train: Path, eval_: Path, epochs: int, batch: int, work: Path) -> dic
     ratio = med["stream"]["train_sps"] / med["ram"]["train_sps"]
     log.info("(a) streaming / in-RAM = %.3f", ratio)
     return {
-        "env": env,
+        "env": watch.done(),
         "samples": n,
         "batches_per_epoch": len(loaders["ram"]),
         "epochs_per_arm": epochs,
@@ -280,8 +373,9 @@ def part_b(
     repeats: int,
     batch: int,
     work: Path,
+    max_wait: float,
 ) -> dict[str, Any]:
-    env = wait_quiet("b")
+    watch = wait_quiet("b", max_wait)
     eight = [f"{k}:seed={s},name={k}-s{s}" for k in KINDS for s in (1, 2)]
     one = eight[0]  # read:seed=1,name=read-s1
     k1: list[float] = []
@@ -310,7 +404,7 @@ def part_b(
             log.info("(b) repeat %d alone %s: %.1f s", r, spec, wall)
     sums = [k1[r] + sum(singles[s][r] for s in singles) for r in range(repeats)]
     out = {
-        "env": env,
+        "env": watch.done(),
         "epochs": epochs,
         "repeats": repeats,
         "specs_k8": eight,
@@ -369,8 +463,10 @@ def run_child(code: str, args: list[str]) -> dict[str, Any]:
     return result
 
 
-def part_c(stores: dict[str, tuple[Path, Path]], batch: int, work: Path) -> dict[str, Any]:
-    env = wait_quiet("c")
+def part_c(
+    stores: dict[str, tuple[Path, Path]], batch: int, work: Path, max_wait: float
+) -> dict[str, Any]:
+    watch = wait_quiet("c", max_wait)
     base = [run_child(BASELINE_CHILD, [])["maxrss_kb"] for _ in range(3)]
     baseline_kb = statistics.median(base)
     log.info("(c) idle python + torch: %.1f MB (runs %s)", baseline_kb / 1024, base)
@@ -408,15 +504,24 @@ def part_c(stores: dict[str, tuple[Path, Path]], batch: int, work: Path) -> dict
                 res["polled_peak_kb"] / 1024,
             )
             runs.append(res)
-    return {"env": env, "baseline_kb": baseline_kb, "baseline_runs_kb": base, "runs": runs}
+    return {"env": watch.done(), "baseline_kb": baseline_kb, "baseline_runs_kb": base, "runs": runs}
 
 
 # -- report --------------------------------------------------------------------------------------
+def env_line(env: dict[str, Any]) -> str:
+    return (
+        f"_during this part ({env['seconds']:.0f} s): other processes used "
+        f"{env['other_cpu_s']:.0f} CPU s; stage_one benchmark seen: "
+        f"{'yes' if env['stage_one_seen_during'] else 'no'} (waited {env['waited_s']:.0f} s "
+        "before it)_"
+    )
+
+
 def report(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [
         f"machine: {m['nproc']} CPUs, torch {m['torch']}, torch threads {m['torch_threads']}, "
-        f"{m['mem_gb']} GB RAM, python {m['python']}",
+        f"{m['mem_gb']} GB RAM, python {m['python']}; code at {res['git']}",
         "",
     ]
     if "a" in res:
@@ -438,6 +543,8 @@ def report(res: dict[str, Any]) -> str:
             "",
             f"**streaming / in-RAM = {a['ratio_stream_over_ram']:.3f}** (target ≥ 0.8); "
             f"one-off RAM load {a['ram_load_s']:.1f} s",
+            "",
+            env_line(a["env"]),
             "",
         ]
     if "b" in res:
@@ -464,7 +571,7 @@ def report(res: dict[str, Any]) -> str:
                 f"{b['member_compute_s_alone'].get(name, 0):.1f} | "
                 f"{b['member_compute_s_in_k8'].get(name, 0):.1f} |"
             )
-        lines.append("")
+        lines += ["", env_line(b["env"]), ""]
     if "c" in res:
         c = res["c"]
         lines += [
@@ -483,7 +590,7 @@ def report(res: dict[str, Any]) -> str:
                 f"{r['maxrss_kb'] / 1024:.0f} | **{r['above_baseline_mb']:.0f}** | "
                 f"{r['polled_peak_kb'] / 1024:.0f} |"
             )
-        lines.append("")
+        lines += ["", env_line(c["env"]), ""]
     return "\n".join(lines)
 
 
@@ -493,10 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=10000, help="SST-2 train samples for (a), (b)")
     p.add_argument("--mem-limit", type=int, default=2000, help="SST-2 train samples for (c)")
     p.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ab'")
-    p.add_argument("--epochs-a", type=int, default=3, help="epochs per arm in (a)")
+    p.add_argument("--epochs-a", type=int, default=4, help="epochs per arm in (a)")
     p.add_argument("--epochs-b", type=int, default=1, help="epochs per run_train in (b)")
     p.add_argument("--repeats-b", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-wait", type=float, default=900.0, help="s to wait for stage_one")
     p.add_argument("--json", type=Path, default=None, help="save every figure here")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -509,15 +617,24 @@ def main(argv: list[str] | None = None) -> int:
     dev = ensure_store("minilm", sst2, "dev", stores / "sst2-dev", None)
     res: dict[str, Any] = {
         "machine": machine(),
+        "git": git_state(),
         "train_store": store_facts(train),
         "eval_store": store_facts(dev),
         "argv": sys.argv,
     }
     if "a" in args.parts:
-        res["a"] = part_a(train, dev, args.epochs_a, args.batch_size, args.work / "out")
+        res["a"] = part_a(
+            train, dev, args.epochs_a, args.batch_size, args.work / "out", args.max_wait
+        )
     if "b" in args.parts:
         res["b"] = part_b(
-            train, dev, args.epochs_b, args.repeats_b, args.batch_size, args.work / "out"
+            train,
+            dev,
+            args.epochs_b,
+            args.repeats_b,
+            args.batch_size,
+            args.work / "out",
+            args.max_wait,
         )
     if "c" in args.parts:
         bert = str(build_bert(args.work / "bert768-random"))
@@ -537,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
                 ensure_store(bert, sst2, "dev", stores / "bert768-sst2-dev", None),
             ),
         }
-        res["c"] = part_c(mem, args.batch_size, args.work / "out")
+        res["c"] = part_c(mem, args.batch_size, args.work / "out", args.max_wait)
     text = report(res)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
