@@ -77,8 +77,10 @@ def row_stats(x: torch.Tensor) -> torch.Tensor:
     return torch.stack([x.sum(1), (x * x).sum(1), x.amin(1), x.amax(1)], dim=1)
 
 
-def check_finite(x: torch.Tensor, layer: int, batch: DeviceBatch, positions: str) -> None:
-    bad = ~torch.isfinite(x).all(dim=1)
+def check_finite(stats: torch.Tensor, layer: int, batch: DeviceBatch, positions: str) -> None:
+    """``stats`` = :func:`row_stats` of a layer: a row holds NaN or inf iff its min or max is
+    not finite (``amin``/``amax`` propagate NaN), so checking ``(R, 2)`` numbers is enough."""
+    bad = ~torch.isfinite(stats[:, 2:]).all(dim=1)
     if not bool(bad.any()):
         return
     row = int(torch.nonzero(bad)[0])
@@ -90,17 +92,26 @@ def check_finite(x: torch.Tensor, layer: int, batch: DeviceBatch, positions: str
     )
 
 
-def forward_rows(
+def forward_rows_and_stats(
     bb: Backbone, batch: DeviceBatch, layers: list[int], positions: str
-) -> list[torch.Tensor]:
-    """Run one batch through the backbone; float32 rows ``(R, D)`` per layer, checked finite."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Run one batch through the backbone: per layer, float32 rows ``(R, D)`` checked finite,
+    and their :func:`row_stats` ``(R, 4)``."""
     states = hidden_states(bb, batch.input_ids, batch.attention_mask, batch.token_type_ids, layers)
     out = []
     for layer in layers:
         rows = gather(states[layer], batch, positions)  # (R, D)
-        check_finite(rows, layer, batch, positions)
-        out.append(rows)
+        stats = row_stats(rows)  # (R, 4)
+        check_finite(stats, layer, batch, positions)
+        out.append((rows, stats))
     return out
+
+
+def forward_rows(
+    bb: Backbone, batch: DeviceBatch, layers: list[int], positions: str
+) -> list[torch.Tensor]:
+    """Run one batch through the backbone; float32 rows ``(R, D)`` per layer, checked finite."""
+    return [rows for rows, _ in forward_rows_and_stats(bb, batch, layers, positions)]
 
 
 def extract_rows(
@@ -108,8 +119,10 @@ def extract_rows(
 ) -> BatchRows:
     """Run one batch through the backbone and return its stored rows for every layer."""
     stored, scales, stats = [], [], []
-    for layer, rows in zip(layers, forward_rows(bb, batch, layers, positions), strict=True):
-        stats.append(row_stats(rows))
+    for layer, (rows, row_stat) in zip(
+        layers, forward_rows_and_stats(bb, batch, layers, positions), strict=True
+    ):
+        stats.append(row_stat)
         data, scale = encode(rows, dtype)
         if dtype == "float16" and not np.isfinite(data).all():
             raise NonFiniteError(

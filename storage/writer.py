@@ -1,10 +1,11 @@
 """Create a store and stream rows into it, whole shards at a time, on background threads.
 
 The writer receives batches of rows in any sample order (stage one batches by length) and
-assembles them in dataset order. Whenever the contiguous prefix covers a whole shard, that shard
-is compressed and written on a worker thread; once every layer's part of the shard is on disk its
-``progress`` row is written. A resumed run skips every shard that has its progress row, so the
-store ends up identical to an uninterrupted run as long as the caller feeds the same batches.
+scatters them into per-shard buffers at their final row positions. When a shard's last row
+arrives, the shard is compressed and written on a worker thread; once every layer's part of the
+shard is on disk its ``progress`` row is written. A resumed run skips every shard that has its
+progress row, so the store ends up identical to an uninterrupted run as long as the caller feeds
+the same batches.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +42,6 @@ class BatchRows:
     layers: list[np.ndarray]  # per stored layer: (R, d) stored dtype
     scales: list[np.ndarray] | None  # per stored layer: (R,) float32, int8 only
     stats: np.ndarray  # (R, n_layers, 4) float32: per-row sum, sumsq, min, max
-
-
-@dataclass
-class _Segment:
-    rows: int
-    layers: list[np.ndarray] | None  # None marks rows of a shard already on disk
-    scales: list[np.ndarray] | None
-    stats: np.ndarray | None
 
 
 def _open_group(path: str, mode: str) -> zarr.Group:
@@ -194,10 +186,29 @@ def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[st
     group.attrs["sidecache"] = meta
 
 
-class StoreWriter:
-    """Streams :class:`BatchRows` into the shards of an initialised, incomplete store."""
+class _Shard:
+    """Rows of one shard being filled, in the stored dtype, until every row has arrived."""
 
-    def __init__(self, path: str, layout: Layout, *, threads: int = 2, max_pending: int = 2):
+    def __init__(self, rows: int, layout: Layout):
+        zdtype = STORED_DTYPES[layout.dtype]
+        n = len(layout.layers)
+        self.layers = [np.empty((rows, layout.hidden_size), zdtype) for _ in range(n)]
+        self.scales = (
+            [np.empty(rows, np.float32) for _ in range(n)] if layout.dtype == "int8" else None
+        )
+        self.stats = np.empty((rows, n, len(STAT_FIELDS)), np.float32)
+        self.rows, self.filled = rows, 0
+
+
+class StoreWriter:
+    """Streams :class:`BatchRows` into the shards of an initialised, incomplete store.
+
+    Rows are scattered straight into per-shard buffers at their final positions (one vectorised
+    assignment per layer and batch); a shard goes to a writer thread the moment its last row
+    arrives, and rows of shards already on disk are dropped.
+    """
+
+    def __init__(self, path: str, layout: Layout, *, threads: int = 2, max_pending: int = 1):
         self.path = path
         self.layout = layout
         self.group = _open_group(path, "r+")
@@ -216,11 +227,8 @@ class StoreWriter:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sidecache-write")
         self._slots = threading.BoundedSemaphore(max_pending + threads)
         self._futures: list[Future[None]] = []
-        self._pending: dict[int, _Segment] = {}
-        self._next_sample = 0
-        self._tail: list[_Segment] = []
-        self._tail_rows = 0
-        self._next_shard = 0
+        self._open: dict[int, _Shard] = {}
+        self._seen = np.zeros(layout.n_samples, dtype=bool)
 
     # -- what still has to be computed ------------------------------------------------------
     def _read_done(self) -> np.ndarray:
@@ -243,71 +251,59 @@ class StoreWriter:
         return (cum[last + 1] - cum[first]) > 0
 
     # -- streaming -------------------------------------------------------------------------
-    def skip(self, samples: Sequence[int] | np.ndarray) -> None:
-        """Declare samples that will not be computed (their shards are already on disk)."""
-        for s in np.asarray(samples, dtype=np.int64):
-            rows = int(self.offsets[s + 1] - self.offsets[s])
-            self._pending[int(s)] = _Segment(rows, None, None, None)
-        self._advance()
-
     def put(self, batch: BatchRows) -> None:
         """Hand over one batch; blocks only while too many shards wait for the disk."""
         self._raise_failures()
-        bounds = np.concatenate([[0], np.cumsum(batch.rows_per_sample)])
-        for i, sample in enumerate(batch.samples.tolist()):
-            a, b = int(bounds[i]), int(bounds[i + 1])
-            expected = int(self.offsets[sample + 1] - self.offsets[sample])
-            if b - a != expected:
-                raise ValueError(f"sample {sample}: got {b - a} rows, layout says {expected}")
-            self._pending[sample] = _Segment(
-                b - a,
-                [x[a:b] for x in batch.layers],
-                None if batch.scales is None else [s[a:b] for s in batch.scales],
-                batch.stats[a:b],
-            )
-        self._advance()
-
-    def _advance(self) -> None:
-        while self._next_sample in self._pending:
-            seg = self._pending.pop(self._next_sample)
-            self._tail.append(seg)
-            self._tail_rows += seg.rows
-            self._next_sample += 1
-        finished = self._next_sample == self.layout.n_samples
-        while self._tail_rows >= self.layout.shard_rows or (finished and self._tail_rows > 0):
-            self._cut_shard()
-
-    def _cut_shard(self) -> None:
-        start, stop = self.layout.shard_range(self._next_shard)
-        need, parts = stop - start, []
-        while need > 0:
-            seg = self._tail[0]
-            if seg.rows <= need:
-                parts.append(self._tail.pop(0))
-                need -= seg.rows
+        samples = np.asarray(batch.samples, dtype=np.int64)
+        counts = np.asarray(batch.rows_per_sample, dtype=np.int64)
+        expected = self.offsets[samples + 1] - self.offsets[samples]
+        if not np.array_equal(counts, expected) or self._seen[samples].any():
+            raise ValueError("batch rows do not match the store layout (or a sample came twice)")
+        self._seen[samples] = True
+        total = int(counts.sum())
+        # destination row of every batch row: (R,)
+        first_of_sample = np.repeat(self.offsets[samples] - (np.cumsum(counts) - counts), counts)
+        dest = first_of_sample + np.arange(total)
+        shard_of = dest // self.layout.shard_rows
+        shards = np.unique(shard_of).tolist()
+        for shard in shards:
+            if self.done[shard]:
+                continue  # already on disk (a resumed run): these rows are not needed
+            if len(shards) == 1:
+                self._fill(shard, dest, batch, None)
             else:
-                parts.append(_slice(seg, 0, need))
-                self._tail[0] = _slice(seg, need, seg.rows)
-                need = 0
-        self._tail_rows -= stop - start
-        shard, self._next_shard = self._next_shard, self._next_shard + 1
-        if self.done[shard]:
-            return
-        if any(p.layers is None for p in parts):
-            raise RuntimeError(f"shard {shard} is not on disk but some of its rows were skipped")
-        self._slots.acquire()
-        self._futures.append(self._pool.submit(self._write_shard, shard, parts))
+                sel = np.flatnonzero(shard_of == shard)
+                self._fill(shard, dest[sel], batch, sel)
 
-    def _write_shard(self, shard: int, parts: list[_Segment]) -> None:
+    def _fill(self, shard: int, dest: np.ndarray, batch: BatchRows, sel: np.ndarray | None) -> None:
+        start, stop = self.layout.shard_range(shard)
+        buf = self._open.get(shard)
+        if buf is None:
+            buf = self._open[shard] = _Shard(stop - start, self.layout)
+        pos = dest - start
+
+        def take(x: np.ndarray) -> np.ndarray:
+            return x if sel is None else x[sel]
+
+        for j, rows in enumerate(batch.layers):
+            buf.layers[j][pos] = take(rows)
+            if buf.scales is not None and batch.scales is not None:
+                buf.scales[j][pos] = take(batch.scales[j])
+        buf.stats[pos] = take(batch.stats)
+        buf.filled += len(pos)
+        if buf.filled == buf.rows:
+            del self._open[shard]
+            self._slots.acquire()
+            self._futures.append(self._pool.submit(self._write_shard, shard, buf))
+
+    def _write_shard(self, shard: int, buf: _Shard) -> None:
         try:
             start, stop = self.layout.shard_range(shard)
             for j, arr in enumerate(self._arrays):
-                arr[start:stop] = np.concatenate([p.layers[j] for p in parts])  # type: ignore[index]
-                if self._scales is not None:
-                    scales = np.concatenate([p.scales[j] for p in parts])  # type: ignore[index]
-                    self._scales[j][start:stop] = scales
-            stats = np.concatenate([p.stats for p in parts])
-            self._progress[shard] = shard_stats(stats)
+                arr[start:stop] = buf.layers[j]
+                if self._scales is not None and buf.scales is not None:
+                    self._scales[j][start:stop] = buf.scales[j]
+            self._progress[shard] = shard_stats(buf.stats)
         finally:
             self._slots.release()
 
@@ -326,10 +322,12 @@ class StoreWriter:
 
     def close(self) -> dict[str, Any]:
         """Wait for the disk, check every shard is recorded, then mark the store complete."""
-        if self._next_sample != self.layout.n_samples or self._tail_rows:
+        missing = np.flatnonzero(self.needed_samples() & ~self._seen)
+        if len(missing) or self._open:
             self.abort()
             raise RuntimeError(
-                f"stage one ended after {self._next_sample} of {self.layout.n_samples} samples"
+                f"stage one ended with {len(missing)} samples and {len(self._open)} shards "
+                "unwritten; the store stays incomplete"
             )
         self._pool.shutdown(wait=True)
         self._raise_failures()
@@ -341,12 +339,3 @@ class StoreWriter:
         meta.update(stats=stats, complete=True)
         self.group.attrs["sidecache"] = meta
         return meta
-
-
-def _slice(seg: _Segment, a: int, b: int) -> _Segment:
-    return _Segment(
-        b - a,
-        None if seg.layers is None else [x[a:b] for x in seg.layers],
-        None if seg.scales is None else [s[a:b] for s in seg.scales],
-        None if seg.stats is None else seg.stats[a:b],
-    )

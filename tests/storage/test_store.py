@@ -127,8 +127,6 @@ def test_a_resumed_writer_only_needs_the_missing_shards(tmp_path):
     assert again is not None and 0 < again.done.sum() < writer.layout.n_shards
     needed = again.needed_samples()
     assert not needed[0] and needed[-1]
-    skip = np.flatnonzero(~needed)
-    again.skip(skip)
     again.put(batch_of(np.flatnonzero(needed), values, lengths, offsets, "bfloat16"))
     again.close()
     reader = open_store(path)
@@ -159,3 +157,11 @@ def test_a_flipped_byte_in_a_chunk_is_caught_on_read(tmp_path):
     reader = open_store(path)
     with pytest.raises(StoreCorruptError, match="hidden/0"):
         reader.rows(0, 0, 100)
+
+
+def test_a_sample_handed_over_twice_is_refused(tmp_path):
+    path, writer, values, lengths, offsets = make_store(tmp_path)
+    writer.put(batch_of(np.array([3, 1]), values, lengths, offsets, "bfloat16"))
+    with pytest.raises(ValueError, match="came twice"):
+        writer.put(batch_of(np.array([1]), values, lengths, offsets, "bfloat16"))
+    writer.abort()
