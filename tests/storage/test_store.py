@@ -160,7 +160,7 @@ def test_a_flipped_byte_in_a_chunk_is_caught_on_read(tmp_path):
 
 
 def test_a_sample_handed_over_twice_is_refused(tmp_path):
-    path, writer, values, lengths, offsets = make_store(tmp_path)
+    _, writer, values, lengths, offsets = make_store(tmp_path)
     writer.put(batch_of(np.array([3, 1]), values, lengths, offsets, "bfloat16"))
     with pytest.raises(ValueError, match="came twice"):
         writer.put(batch_of(np.array([1]), values, lengths, offsets, "bfloat16"))
