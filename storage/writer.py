@@ -208,7 +208,7 @@ class StoreWriter:
     arrives, and rows of shards already on disk are dropped.
     """
 
-    def __init__(self, path: str, layout: Layout, *, threads: int = 2, max_pending: int = 1):
+    def __init__(self, path: str, layout: Layout, *, threads: int = 2, max_pending: int = 2):
         self.path = path
         self.layout = layout
         self.group = _open_group(path, "r+")
