@@ -9,10 +9,10 @@ Attention masks come from the stored offsets. Needs a ``--positions all`` store.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.sidenets.base import (
@@ -58,9 +58,10 @@ class SideBlock(nn.Module):
         allowed = mask[:, None, None, :]  # (B, 1, 1, T) keys that are real tokens
         if causal:
             allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=s.device).tril()
-        att = (q.transpose(1, 2) @ k.transpose(1, 2).transpose(-1, -2)) / math.sqrt(w // self.heads)
-        att = att.masked_fill(~allowed, float("-inf")).softmax(-1)  # (B, H, T, T)
-        out = (att @ v.transpose(1, 2)).transpose(1, 2).reshape(b, t, w)
+        out = F.scaled_dot_product_attention(  # (B, H, T, W/H)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed
+        )
+        out = out.transpose(1, 2).reshape(b, t, w)
         s = s + self.drop(self.proj(out))
         return s + self.drop(self.ff(self.norm2(s)))
 
@@ -137,11 +138,11 @@ class Lst(nn.Module):
                     getattr(lin, part).copy_(torch.from_numpy(data))
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
-        hidden, mask = batch.padded(batch.hidden)  # (B, T, L, D), (B, T)
-        s = self.down_in(hidden[:, :, self.input_index])  # (B, T, W)
+        h = batch.hidden  # (R, L, D): project the packed rows down first, then pad (W << D)
+        s, mask = batch.padded(self.down_in(h[:, self.input_index]))  # (B, T, W), (B, T)
         gates = torch.sigmoid(self.alpha / self.cfg.temperature)
         for i, block in enumerate(self.blocks):
-            ladder = self.down[i](hidden[:, :, self.ladder_index[i]])  # (B, T, W)
+            ladder, _ = batch.padded(self.down[i](h[:, self.ladder_index[i]]))  # (B, T, W)
             s = gates[i] * s + (1 - gates[i]) * ladder
             s = block(s, mask, self.info.causal)
         out = self.up(self.norm(s))  # (B, T, D)
