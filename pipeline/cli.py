@@ -15,6 +15,7 @@ COMMANDS = {
     "verify": "stages.verify",
     "train": "stages.train",
     "predict": "stages.predict",
+    "bench": "stages.bench",
     "stage": "stages.stage",
 }
 USAGE = "usage: sidecache {" + ",".join(COMMANDS) + "} [options]   (sidecache COMMAND -h for help)"

@@ -1,0 +1,54 @@
+"""``sidecache bench``: cached side networks vs online baselines on one task, one table."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.bench import DEFAULT_METHODS, BenchConfig, run_bench, to_markdown, worker
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="sidecache bench",
+        description="Train cached side networks and online baselines on one task; one table of "
+        "quality (mean ± std over seeds), trainable parameters, peak memory, wall time, "
+        "CPU-seconds, GPU energy and stage-one cost. Every run is a fresh subprocess.",
+    )
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one job file
+    p.add_argument("--backbone", default="minilm")
+    p.add_argument("--data", help="data spec, e.g. glue:../shared/data/glue/MRPC")
+    p.add_argument("--out", help="folder for stores, runs, bench.json/.csv/.md")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help="comma list of cached:KIND[...] and online:KIND[...] (keys joined by ';' instead "
+        f"of ','); default {','.join(DEFAULT_METHODS)}",
+    )
+    p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma list, default 0,1,2")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="first N training samples")
+    p.add_argument("--eval-limit", type=int, help="first N evaluation samples")
+    p.add_argument("--eval-split", default="dev")
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", help="store dtype (online READ/LST round to it)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--ram-budget-mb", type=int, default=4096)
+    args = p.parse_args(argv)
+    if args.worker:
+        return worker(args.worker)
+    if not args.data or not args.out:
+        p.error("--data and --out are required")
+    methods = [m.strip().replace(";", ",") for m in args.methods.split(",") if m.strip()]
+    report = run_bench(BenchConfig(
+        backbone=args.backbone, data=args.data, out=args.out, methods=methods, seeds=args.seeds,
+        epochs=args.epochs, batch_size=args.batch_size, limit=args.limit,
+        eval_limit=args.eval_limit, eval_split=args.eval_split, max_length=args.max_length,
+        dtype=args.dtype, device=args.device, ram_budget_mb=args.ram_budget_mb,
+    ))  # fmt: skip
+    print(to_markdown(report))
+    return 0

@@ -1,0 +1,86 @@
+"""``sidecache bench`` end to end on a tiny backbone, and the table from synthetic runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.bench import BenchConfig, plan_jobs, summarise, to_markdown
+from pipeline.cli import main
+from pipeline.errors import ConfigError
+
+
+@pytest.mark.slow  # five subprocesses that each import torch and transformers: ~25 s idle, more loaded
+def test_bench_runs_end_to_end_and_writes_the_table(model_dir, glue_dir, tmp_path):
+    out = tmp_path / "bench"
+    rc = main(["bench", "--backbone", model_dir("bert"), "--data", f"glue:{glue_dir}",
+               "--out", str(out), "--methods", "cached:read:hidden=16,online:full:lr=1e-4",
+               "--seeds", "0", "--epochs", "1", "--batch-size", "16", "--limit", "48",
+               "--eval-limit", "16", "--max-length", "32", "--device", "cpu"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    rows = {r["method"]: r for r in report["table"]}
+    assert set(rows) == {"cached:read:hidden=16", "online:full:lr=1e-4"}
+    for r in rows.values():
+        assert r["runs"] == 1 and not r["failed"]
+        assert 0 <= r["score_final_mean"] <= 1 and r["trainable_params"] > 0
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_mb_above_idle"] > 0
+        assert r["gpu_energy_j"] == "unavailable"
+    cached = rows["cached:read:hidden=16"]
+    assert cached["stage_one_cpu_s"] > 0 and cached["amortised_cpu_s"] > cached["cpu_s"]
+    assert rows["online:full:lr=1e-4"]["stage_one_cpu_s"] is None
+    assert "cache_plus_read_over_full_ft_cpu" not in report["ratios"]  # the spec differs
+    text = (out / "bench.md").read_text()
+    assert "| cached:read:hidden=16 | 1 |" in text and "online:full" in text
+    assert (out / "bench.csv").read_text().startswith("method,")
+
+
+def fake_run(kind, method, seed, score, wall, cpu, peak_mb):
+    costs = {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak_mb * 1e6,
+             "gpu_peak_bytes": None, "gpu_energy_j": None}  # fmt: skip
+    payload = {"eval": {"best": {"score": score + 0.01}, "final": {"score": score}},
+               "trainable_params": 10}  # fmt: skip
+    return {"kind": kind, "method": method, "seed": seed, "costs": costs, "payload": payload,
+            "others_cpu_s": 1.0, "load_before": 1.0, "load_after": 2.0}  # fmt: skip
+
+
+def test_table_statistics_amortisation_and_ratios():
+    cfg = BenchConfig(backbone="b", data="d", out="o", seeds=[0, 1],
+                      methods=["cached:read", "cached:linear", "online:read", "online:full"])  # fmt: skip
+    idle = {"kind": "idle", "costs": {"peak_rss_bytes": 100e6}, "load_before": 0.5,
+            "load_after": 0.5}  # fmt: skip
+    stage_one = {"kind": "cache", "costs": {"wall_s": 40.0, "cpu_s": 80.0, "peak_rss_bytes": 1e9}}
+    stage_one.update(load_before=1.0, load_after=1.0)
+    runs = [idle, stage_one]
+    for seed, score in ((0, 0.8), (1, 0.9)):
+        runs += [fake_run("cached", "cached:read", seed, score, 10.0, 20.0, 110),
+                 fake_run("cached", "cached:linear", seed, score, 4.0, 8.0, 105),
+                 fake_run("online", "online:read", seed, score, 100.0, 200.0, 400),
+                 fake_run("online", "online:full", seed, score, 300.0, 600.0, 1100)]  # fmt: skip
+    report = summarise(cfg, runs)
+    rows = {r["method"]: r for r in report["table"]}
+    read = rows["cached:read"]
+    assert read["score_final_mean"] == pytest.approx(0.85)
+    assert read["score_final_std"] == pytest.approx(0.0707107, rel=1e-5)
+    assert read["peak_mb_above_idle"] == pytest.approx(10.0)
+    assert report["n_cached_networks"] == 4
+    assert read["amortised_cpu_s"] == pytest.approx(20.0 + 80.0 / 4)
+    r = report["ratios"]
+    assert r["cache_plus_read_over_online_read_wall"] == pytest.approx(50.0 / 100.0)
+    assert r["cache_plus_read_over_full_ft_cpu"] == pytest.approx(100.0 / 600.0)
+    assert r["peak_cached_read_over_full_ft"] == pytest.approx(10.0 / 1000.0)
+    assert "cache_plus_read_over_full_ft_cpu" in to_markdown(report)
+
+
+def test_jobs_are_interleaved_and_bad_methods_refused():
+    cfg = BenchConfig(backbone="b", data="d", out="o", seeds=[0, 1],
+                      methods=["cached:linear", "online:full"])  # fmt: skip
+    from pathlib import Path
+
+    names = [j["name"] for j in plan_jobs(cfg, Path("o"))]
+    assert names == ["idle-0", "stage-one", "cached-linear-s0", "online-full-s0",
+                     "online-full-s1", "cached-linear-s1", "idle-1"]  # fmt: skip
+    for bad in ("read", "cached:bogus", "online:linear"):
+        with pytest.raises(ConfigError):
+            plan_jobs(BenchConfig(backbone="b", data="d", out="o", methods=[bad]), Path("o"))
