@@ -15,8 +15,13 @@ The coupling is inverted exactly: ``x2 = (y2 - G(y1)) / β``, ``x1 = (y1 - F(x2)
 :class:`RevStack` keeps only the last block's two outputs (and each block's random-number state,
 for dropout) from the forward pass; the backward pass walks the blocks from the top, rebuilds each
 block's inputs from its outputs, re-runs ``F`` and ``G`` with autograd on and back-propagates
-through them locally. Activation memory is that of one block, whatever the depth. Dividing by λ
-amplifies round-off at every block going down: measure it (``tests/online/test_meft.py``).
+through them locally. Activation memory is that of one block, whatever the depth.
+
+Dividing by λ amplifies round-off about 1/λ-fold per block going down. In float64 the gradients
+equal ordinary autograd's to 1e-9 (``tests/online/test_meft.py``). Measured in float32 on MiniLM
+(6 blocks, one CoLA batch), the relative gradient error of block 0's adapters is 9e-3 at λ = 0.1,
+4e-6 at λ = 0.5 and 1e-6 at λ = 1 (the last block: 2e-7 for all); so for deeper backbones in
+float32 use ``lam=0.5`` or more. The last block's ``G`` adapter does not reach the head.
 """
 
 from __future__ import annotations

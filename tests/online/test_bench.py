@@ -11,7 +11,7 @@ from pipeline.cli import main
 from pipeline.errors import ConfigError
 
 
-@pytest.mark.slow  # five subprocesses that each import torch and transformers: ~25 s idle, more loaded
+@pytest.mark.slow  # five subprocesses, each importing torch and transformers: ~25 s when idle
 def test_bench_runs_end_to_end_and_writes_the_table(model_dir, glue_dir, tmp_path):
     out = tmp_path / "bench"
     rc = main(["bench", "--backbone", model_dir("bert"), "--data", f"glue:{glue_dir}",
@@ -46,8 +46,8 @@ def fake_run(kind, method, seed, score, wall, cpu, peak_mb):
 
 
 def test_table_statistics_amortisation_and_ratios():
-    cfg = BenchConfig(backbone="b", data="d", out="o", seeds=[0, 1],
-                      methods=["cached:read", "cached:linear", "online:read", "online:full"])  # fmt: skip
+    methods = ["cached:read", "cached:linear", "online:read", "online:full"]
+    cfg = BenchConfig(backbone="b", data="d", out="o", seeds=[0, 1], methods=methods)
     idle = {"kind": "idle", "costs": {"peak_rss_bytes": 100e6}, "load_before": 0.5,
             "load_after": 0.5}  # fmt: skip
     stage_one = {"kind": "cache", "costs": {"wall_s": 40.0, "cpu_s": 80.0, "peak_rss_bytes": 1e9}}

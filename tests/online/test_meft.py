@@ -11,8 +11,7 @@ from pipeline.backbone import load_backbone
 from pipeline.extract import DeviceBatch
 from pipeline.online.batches import TokenBatch
 from pipeline.online.meft import Meft, MeftConfig
-from pipeline.sidenets.base import loss_fn
-from pipeline.sidenets.base import StoreInfo
+from pipeline.sidenets.base import StoreInfo, loss_fn
 
 
 def batch(n: int = 5, seed: int = 0) -> TokenBatch:
@@ -62,8 +61,9 @@ def test_reversible_gradients_equal_ordinary_autograd(bert_of_depth, mode):
     b = batch()
     rev, ref = grads(model, b, True), grads(model, b, False)
     assert len(rev) == 4 * 2 * 4 + 2  # 2 adapters x 4 tensors per block, and the head
-    assert set(rev) - set(ref) == {f"blocks.3.adapter_g.{p}" for p in
-                                   ("down.weight", "down.bias", "up.weight", "up.bias")}
+    assert set(rev) - set(ref) == {
+        f"blocks.3.adapter_g.{p}" for p in ("down.weight", "down.bias", "up.weight", "up.bias")
+    }
     for name in set(rev) - set(ref):  # the last G does not reach the head: zero gradient
         assert not rev[name].any()
     for name in ref:
