@@ -7,9 +7,13 @@ device, gather, cast) -> :class:`storage.StoreWriter` (compress and write on wor
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,7 @@ from pipeline.prune import lst_prune
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
 from storage import Layout, create_store, open_store, parse_codec, parse_dtype, parse_positions
 from storage.codecs import itemsize
+from storage.errors import DiskFullError, SidecacheError, StoreWriteError
 
 log = logging.getLogger(__name__)
 EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.4, "int8": 1.2}
@@ -126,6 +131,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     """Stage one end to end; returns the store summary. Resumes an interrupted store."""
     cfg.dtype, cfg.positions = parse_dtype(cfg.dtype), parse_positions(cfg.positions)
     validate(cfg)
+    check_writable(cfg.out)
     data = head(load_data(cfg.data, cfg.split, cfg.columns), cfg.limit)
     bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
     layers = parse_layers(cfg.layers, bb.n_layers)
@@ -150,11 +156,31 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     if cfg.lst_prune:
         arrays.update(lst_prune(bb, cfg.lst_prune))
     ident = identity(cfg, bb, data, plan, max_length)
+    try:
+        return _write(cfg, layout, tok, bb, layers, batches, ident, data.task, arrays)
+    except OSError as exc:
+        if isinstance(exc, SidecacheError):
+            raise
+        raise write_failure(exc, cfg.out, layout) from exc
+
+
+def _write(
+    cfg: CacheConfig,
+    layout: Layout,
+    tok: Tokenized,
+    bb: Backbone,
+    layers: list[int],
+    batches: list[np.ndarray],
+    ident: dict[str, Any],
+    task: dict[str, Any],
+    arrays: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Create or resume the store and stream every needed batch into it."""
     writer = create_store(
         cfg.out,
         layout,
         ident,
-        data.task,
+        task,
         arrays,
         overwrite=cfg.overwrite,
         threads=cfg.writer_threads,
@@ -167,6 +193,14 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
     done_before = int(writer.done.sum())
     if done_before:
         log.info("resuming: %d of %d shards already on disk", done_before, layout.n_shards)
+    need = (layout.n_shards - done_before) * shard_bytes_estimate(layout)
+    free = _free_bytes(cfg.out)
+    if free is not None and need > free:
+        log.warning(
+            "about %.1f MB is still to be written to %s but only %.1f MB is free there; stage one "
+            "stops with DiskFullError if the disk fills (free space, then re-run to resume)",
+            need / 1e6, cfg.out, free / 1e6,
+        )  # fmt: skip
     bar = tqdm(
         total=int(tok.lengths[needed].sum()),
         unit="tok",
@@ -189,6 +223,68 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         bar.close()
     log.info("stage one finished in %.1f s", time.perf_counter() - started)
     return open_store(cfg.out).summary()
+
+
+def shard_bytes_estimate(layout: Layout) -> float:
+    """Expected bytes on disk of one full shard of every stored layer."""
+    raw = layout.shard_rows * layout.hidden_size * len(layout.layers) * itemsize(layout.dtype)
+    return raw / EXPECTED_RATIO[layout.dtype]
+
+
+def _shards_on_disk(path: str, layout: Layout) -> int:
+    try:
+        arr: Any = open_store(path, allow_incomplete=True).group["progress"]
+        progress = np.asarray(arr[...])
+    except Exception:  # the store may not even have its metadata yet
+        return 0
+    return int(np.isfinite(progress).all(axis=(1, 2)).sum())
+
+
+def _free_bytes(path: str) -> int | None:
+    if "://" in path:
+        return None
+    for folder in (Path(path), *Path(path).absolute().parents):
+        if folder.exists():
+            return shutil.disk_usage(folder).free
+    return None
+
+
+def check_writable(path: str) -> None:
+    """Refuse a local ``--out`` whose nearest existing folder cannot be written (read-only file
+    system, no permission) before anything is claimed or computed."""
+    if "://" in path:
+        return
+    folder = next((f for f in (Path(path), *Path(path).absolute().parents) if f.exists()), None)
+    if folder is None or os.access(folder, os.W_OK):
+        return
+    code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
+    raise StoreWriteError(
+        f"cannot write the store at {path}: {folder} is not writable ({os.strerror(code)}); "
+        "expected a writable folder: choose another --out or fix its permissions"
+    )
+
+
+def write_failure(exc: OSError, path: str, layout: Layout) -> StoreWriteError:
+    """Turn an ``OSError`` raised while writing the store into a named, actionable error."""
+    done = _shards_on_disk(path, layout)
+    todo = layout.n_shards - done
+    free = _free_bytes(path)
+    free_text = "unknown" if free is None else f"{free / 1e6:.1f} MB"
+    kept = f"the {done} of {layout.n_shards} shards already on disk are kept and the store stays "
+    kept += "incomplete; re-run the same command to resume"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        need = todo * shard_bytes_estimate(layout)
+        return DiskFullError(
+            f"the disk holding {path} is full ({exc.strerror}, writing {exc.filename or path}): "
+            f"about {need / 1e6:.1f} MB was still to be written ({todo} shards) and {free_text} "
+            f"is free. Free at least that much space (or choose another --out); {kept}"
+        )
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return StoreWriteError(
+            f"cannot write the store at {path}: {exc.strerror} ({exc.filename or path}); expected "
+            f"a writable folder: choose another --out or fix its permissions; {kept}"
+        )
+    return StoreWriteError(f"writing the store at {path} failed: {exc}; {kept}")
 
 
 def _row_offsets(tok: Tokenized, positions: str) -> np.ndarray:

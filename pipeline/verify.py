@@ -1,4 +1,12 @@
-"""``sidecache verify``: re-run the recorded backbone on random samples and compare with the store.
+"""``sidecache verify``: check every chunk's crc32c, then re-run the recorded backbone on random
+samples and compare with the store.
+
+The checksum pass reads every chunk of every array (whole shard files at a time; a file that fails
+is re-read chunk by chunk to name the damaged chunks) and checks that every chunk file of the
+arrays that never hold an all-zero chunk (hidden states, scales, progress, offsets, token ids) is
+on disk and non-empty (zarr would serve zeros for a missing one). Shard files hold their chunks
+back to back followed by an index that carries its own crc32c, with no padding, so every byte of
+a store's chunk files is covered by a checksum.
 
 The batches are re-planned from the stored token lengths and the recorded plan settings, so each
 checked sample is recomputed inside exactly the batch it was stored from. On the device type the
@@ -13,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.backbone import load_backbone
-from pipeline.errors import StoreMismatchError, VerifyError
+from pipeline.errors import StoreCorruptError, StoreMismatchError, VerifyError
 from pipeline.extract import encode, forward_rows, make_batch
 from pipeline.tokens import PlanSettings, Tokenized, plan_batches
 from storage import StoreReader, decode_rows, open_store
@@ -47,11 +55,46 @@ def check_backbone_identity(
         raise StoreMismatchError(f"{reader.path}: the tokenizer differs from the one that wrote it")
 
 
+def check_chunks(reader: StoreReader) -> dict[str, Any]:
+    """Read every chunk of every array; raise :class:`StoreCorruptError` listing every damaged
+    or missing chunk (array, chunk, file)."""
+    damaged: list[str] = []
+    chunks = files = 0
+    for name, (length, per_chunk, per_file) in reader.arrays().items():
+        chunks += -(-length // per_chunk)
+        for start in range(0, length, per_file):
+            files += 1
+            try:
+                reader.read(name, slice(start, min(start + per_file, length)))
+            except StoreCorruptError as exc:
+                damaged.append(str(exc).removeprefix(f"{reader.path}: "))
+    report = {"arrays": len(reader.arrays()), "files": files, "chunks": chunks, "damaged": damaged}
+    if damaged:
+        raise StoreCorruptError(
+            f"{reader.path}: {len(damaged)} of {files} chunk files failed their checks: "
+            + " | ".join(damaged[:10])
+        )
+    log.info("checksums: %d chunks in %d files of %d arrays are intact", chunks, files,
+             report["arrays"])  # fmt: skip
+    return report
+
+
 def run_verify(
-    path: str, samples: int = 8, device: str = "auto", seed: int = 0, backbone: str | None = None
+    path: str,
+    samples: int = 8,
+    device: str = "auto",
+    seed: int = 0,
+    backbone: str | None = None,
+    *,
+    checksums: bool = True,
 ) -> dict[str, Any]:
-    """Recompute ``samples`` random samples; raise :class:`VerifyError` on any difference."""
+    """Check every chunk (unless ``checksums`` is false), then recompute ``samples`` random
+    samples (none when ``samples`` is 0); raise :class:`StoreCorruptError` on a damaged chunk and
+    :class:`VerifyError` on any difference."""
     reader = open_store(path)
+    chunk_report = check_chunks(reader) if checksums else None
+    if samples <= 0:
+        return {"store": path, "checksums": chunk_report, "samples_checked": 0}
     ident = reader.identity
     bb = load_backbone(backbone or ident["backbone"]["name"], device, ident["backbone"]["revision"])
     check_backbone_identity(reader, bb.identity, bb.tokenizer_identity)
@@ -99,6 +142,7 @@ def run_verify(
                     problems.append(f"sample {sample} layer {layer} (max error {err:.3g})")
     report = {
         "store": path,
+        "checksums": chunk_report,
         "samples_checked": len(chosen),
         "exact": exact,
         "mismatches": problems,

@@ -46,3 +46,12 @@ class StoreCorruptError(StoreError, OSError):
 
 class NonFiniteError(SidecacheError, ArithmeticError):
     """The backbone produced NaN or inf hidden states; nothing non-finite is ever stored."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """The store could not be written (read-only or unwritable location, I/O error); whatever
+    was written stays incomplete and resumable."""
+
+
+class DiskFullError(StoreWriteError):
+    """The disk holding the store ran out of space (``ENOSPC``) while stage one was writing."""

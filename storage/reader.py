@@ -148,17 +148,44 @@ class StoreReader:
             types = np.asarray(self._read("token_type_ids", ...))
         return np.asarray(self._read("token_ids", ...)), types
 
+    def arrays(self) -> dict[str, tuple[int, int, int]]:
+        """Every array in the store: ``name -> (length, rows per chunk, rows per file)``."""
+        out = {}
+        for name, node in self.group.members(max_depth=None):
+            if isinstance(node, zarr.Array) and node.shape:
+                shards = node.shards
+                per_file = shards[0] if shards is not None else node.chunks[0]
+                out[name] = (int(node.shape[0]), int(node.chunks[0]), int(per_file))
+        return dict(sorted(out.items()))
+
+    def read(self, name: str, selection: Any = ...) -> Any:
+        """Any stored array (or ``selection`` of it); a damaged chunk raises
+        :class:`StoreCorruptError` naming the array, the chunk and its file."""
+        return self._read(name, selection)
+
     def _read(self, name: str, selection: Any) -> Any:
         try:
             arr: Any = self.group[name]
-            return arr[selection]
         except KeyError as exc:
             raise StoreCorruptError(f"{self.path}: array {name!r} is missing") from exc
+        try:
+            out = arr[selection]
         except (ValueError, RuntimeError, OSError) as exc:
+            bad = _bad_chunks(arr, name, selection) or ["(could not narrow it down to one chunk)"]
             raise StoreCorruptError(
-                f"{self.path}: array {name!r} could not be decoded at {selection!r} "
-                f"(checksum or codec failure: {exc}); run 'sidecache verify {self.path}'"
+                f"{self.path}: array {name!r} has {len(bad)} damaged chunk(s): "
+                f"{'; '.join(bad[:8])} (checksum or codec failure: {exc}); expected every chunk "
+                f"to decode and match its crc32c: re-create the store with 'sidecache cache "
+                "... --overwrite' (run 'sidecache verify' to list every damaged chunk)"
             ) from exc
+        missing = _missing_files(self.path, name, arr, selection) if self.complete else []
+        if missing:
+            raise StoreCorruptError(
+                f"{self.path}: array {name!r} is missing chunk file(s) {', '.join(missing[:8])} "
+                "(they would read as zeros); expected every shard of a complete store on disk: "
+                "re-create the store with 'sidecache cache ... --overwrite'"
+            )
+        return out
 
     # -- summary ---------------------------------------------------------------------------
     def bytes_on_disk(self) -> int | None:
@@ -194,3 +221,63 @@ class StoreReader:
             "bytes_per_token": (disk / lay.n_tokens) if disk and lay.n_tokens else None,
             "task": self.task,
         }
+
+
+# -- naming damaged chunks ------------------------------------------------------------------
+# Every array is chunked along its first axis only; hidden/scales arrays group chunks in shards.
+# Every chunk of these is on disk in a complete store (hidden/scales are written with
+# write_empty_chunks; the others never hold an all-zero chunk). ``labels``, ``token_type_ids``
+# and ``lst_init/...`` may legitimately lack files (zarr skips chunks equal to the fill value).
+ALWAYS_WRITTEN = ("hidden/", "scales/", "progress", "offsets", "token_offsets", "token_ids")
+
+
+def _row_range(arr: Any, selection: Any) -> range:
+    n = int(arr.shape[0]) if arr.shape else 1
+    first = selection[0] if isinstance(selection, tuple) and selection else selection
+    if isinstance(first, slice):
+        return range(*first.indices(n))
+    if isinstance(first, int | np.integer):
+        return range(int(first), int(first) + 1)
+    return range(n)
+
+
+def _chunk_file(arr: Any, name: str, chunk: int) -> str:
+    rows = arr.shards[0] if arr.shards is not None else arr.chunks[0]
+    key = arr.metadata.encode_chunk_key((chunk * arr.chunks[0] // rows,) + (0,) * (arr.ndim - 1))
+    return f"{name}/{key}"
+
+
+def _bad_chunks(arr: Any, name: str, selection: Any) -> list[str]:
+    """Read the selection chunk by chunk and describe every chunk that fails to decode."""
+    if not arr.shape:
+        return []
+    step, rows = int(arr.chunks[0]), _row_range(arr, selection)
+    if not rows:
+        return []
+    bad = []
+    for chunk in range(rows.start // step, (rows.stop - 1) // step + 1):
+        a, b = chunk * step, min((chunk + 1) * step, int(arr.shape[0]))
+        try:
+            arr[a:b]
+        except (ValueError, RuntimeError, OSError):
+            coords = (chunk,) + (0,) * (arr.ndim - 1)
+            bad.append(f"chunk {coords} [rows {a}:{b}] in file {_chunk_file(arr, name, chunk)}")
+    return bad
+
+
+def _missing_files(path: str, name: str, arr: Any, selection: Any) -> list[str]:
+    """Files of an always-written array that are absent or empty (zarr would serve fill values)."""
+    root = Path(path)
+    if not name.startswith(ALWAYS_WRITTEN) or not root.is_dir() or not arr.shape:
+        return []
+    step = int(arr.shards[0] if arr.shards is not None else arr.chunks[0])
+    rows = _row_range(arr, selection)
+    if not rows:
+        return []
+    out = []
+    for unit in range(rows.start // step, (rows.stop - 1) // step + 1):
+        rel = _chunk_file(arr, name, unit * step // int(arr.chunks[0]))
+        file = root / rel
+        if not file.is_file() or file.stat().st_size == 0:
+            out.append(rel)
+    return out
