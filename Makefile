@@ -7,9 +7,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.sidecache-installed
 STORES ?= stores
-DEMO_FLAGS ?= --backbone minilm --data bbc --max-length 128 --positions all --dtype bfloat16
 
-.PHONY: setup demo test test-slow check lint typecheck bench-stage-one clean
+.PHONY: setup demo glue test test-slow check lint typecheck bench-stage-one clean
 
 $(STAMP): pyproject.toml Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "sidecache needs Python 3.11 or newer")'
@@ -20,16 +19,22 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
-DEMO_SIDENETS ?= --sidenet read --sidenet lst --sidenet linear --sidenet mlp
-DEMO_EPOCHS ?= 3
+# dvc runs `sidecache stage ...` (dvc.yaml): it must find this environment's commands first
+export PATH := $(abspath $(BIN)):$(PATH)
+GLUE_DIR ?= ../shared/data/glue
 
+# The main job: `dvc repro` = cache MiniLM's hidden states of BBC News once, train READ, LST
+# and two probes from them in one pass, re-evaluate, write results/report/report.html.
 demo: $(STAMP)
-	$(BIN)/sidecache cache $(DEMO_FLAGS) --split train --out $(STORES)/bbc-train
-	$(BIN)/sidecache cache $(DEMO_FLAGS) --split dev --out $(STORES)/bbc-dev
-	$(BIN)/sidecache verify $(STORES)/bbc-dev --samples 4
-	$(BIN)/sidecache inspect $(STORES)/bbc-train
-	$(BIN)/sidecache train --train $(STORES)/bbc-train --eval $(STORES)/bbc-dev \
-		$(DEMO_SIDENETS) --epochs $(DEMO_EPOCHS) --out outputs/bbc
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+	@echo "report: results/report/report.html (and report.md)"
+
+# Every GLUE task found under GLUE_DIR (folders in the GLUE TSV layout), as a DVC experiment.
+glue: $(STAMP)
+	$(BIN)/dvc exp run -S "glue_dir=$(GLUE_DIR)" \
+		-S "tasks=$$($(BIN)/sidecache stage tasks --glue $(GLUE_DIR))"
+	$(BIN)/dvc metrics show
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -50,4 +55,4 @@ bench-stage-one: $(STAMP)
 	$(BIN)/python -m benchmarks.stage_one --repeats 2
 
 clean:
-	rm -rf $(VENV) $(STORES) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(STORES) outputs results dvc.lock .dvc/tmp .pytest_cache .mypy_cache .ruff_cache

@@ -121,6 +121,11 @@ def test_dvc_repro_end_to_end(project: tuple[Path, dict[str, str]]) -> None:
     with (proj / "results" / "cost.csv").open() as f:
         assert {r["run"] for r in csv.DictReader(f)} == {"stsb/read", "stsb/linear"}
 
+    run([dvc, "plots", "show", "-o", "dvc_plots"], proj, env)
+    plots = (proj / "dvc_plots" / "index.html").read_text()
+    for title in ("learning curve", "quality vs trainable parameters", "quality vs peak memory"):
+        assert title in plots
+
     again = run([dvc, "repro"], proj, env)
     assert ran(again) == set(), again
     assert "cache@stsb-train" not in run([dvc, "status"], proj, env)
