@@ -25,8 +25,22 @@ from pipeline.data import ColumnOptions, TextData, describe, head, load_data
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_rows, make_batch
 from pipeline.prune import lst_prune
+from pipeline.shards import aligned_window_rows, n_windows, owned_shards, parse_shard
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
-from storage import Layout, create_store, open_store, parse_codec, parse_dtype, parse_positions
+from storage import (
+    WHOLE,
+    Layout,
+    claim,
+    create_store,
+    finalize_store,
+    locate,
+    meta_lock,
+    open_store,
+    parse_codec,
+    parse_dtype,
+    parse_positions,
+    shard_slot,
+)
 from storage.codecs import itemsize
 from storage.errors import DiskFullError, SidecacheError, StoreWriteError
 
@@ -62,6 +76,8 @@ class CacheConfig:
     shard_chunks: int = 8
     writer_threads: int = 2
     progress: bool = True
+    shard: str | None = None  # "I/N": write only worker I's shards of N (pipeline.shards)
+    finalize: bool = False  # only finalise a store whose shards are all written
 
 
 def chunk_rows_for(row_bytes: int, chunk_mb: float) -> int:
@@ -91,10 +107,17 @@ def build_layout(
     )
 
 
-def plan_settings(cfg: CacheConfig, bb: Backbone, n_layers: int) -> PlanSettings:
+def plan_settings(
+    cfg: CacheConfig, bb: Backbone, n_layers: int, shard_rows: int | None = None
+) -> PlanSettings:
+    """Windows of ``--window-mb``; given ``shard_rows``, rounded down to whole shards and
+    aligned to them (what stage one uses, so ``--shard I/N`` workers can split the plan)."""
     row_bytes = bb.hidden_size * itemsize(cfg.dtype) * n_layers
     window_rows = max(1, int(cfg.window_mb * (1 << 20)) // row_bytes)
-    return PlanSettings(cfg.token_budget, cfg.max_batch, int(window_rows))
+    if shard_rows is None:
+        return PlanSettings(cfg.token_budget, cfg.max_batch, int(window_rows))
+    rows = aligned_window_rows(int(window_rows), shard_rows)
+    return PlanSettings(cfg.token_budget, cfg.max_batch, rows, aligned=True)
 
 
 def identity(
@@ -108,6 +131,7 @@ def identity(
             "token_budget": plan.token_budget,
             "max_batch": plan.max_batch,
             "window_rows": plan.window_rows,
+            "windows": "aligned" if plan.aligned else "chained",
             "device": bb.device.type,
             "autocast": "bfloat16" if bb.device.type == "cuda" else None,
             "torch": torch.__version__.split("+")[0],
@@ -125,13 +149,34 @@ def validate(cfg: CacheConfig) -> None:
         raise ConfigError(f"--max-length must be at least 2, found {cfg.max_length}")
     if cfg.token_budget < 1 or cfg.max_batch < 1:
         raise ConfigError("--token-budget and --max-batch must be positive")
+    if parse_shard(cfg.shard) is not None and cfg.overwrite:
+        raise ConfigError(
+            "--overwrite cannot be combined with --shard (one worker would delete the others' "
+            "shards): delete the old store first, or run once without --shard"
+        )
 
 
 def run_cache(cfg: CacheConfig) -> dict[str, Any]:
-    """Stage one end to end; returns the store summary. Resumes an interrupted store."""
-    cfg.dtype, cfg.positions = parse_dtype(cfg.dtype), parse_positions(cfg.positions)
+    """Stage one end to end; returns the store summary. Resumes an interrupted store.
+
+    Holds a claim on ``cfg.out`` for the whole run (:mod:`storage.claims`): a second process on
+    the same store, or on the same ``--shard``, stops with :class:`StoreBusyError`.
+    """
     validate(cfg)
     check_writable(cfg.out)
+    shard = parse_shard(cfg.shard)
+    slot = WHOLE if shard is None else shard_slot(*shard)
+    with claim(cfg.out, slot):
+        if cfg.finalize:
+            with meta_lock(cfg.out):
+                finalize_store(cfg.out)
+            return open_store(cfg.out).summary()
+        return _run_cache(cfg, shard)
+
+
+def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any]:
+    cfg.dtype, cfg.positions = parse_dtype(cfg.dtype), parse_positions(cfg.positions)
+    validate(cfg)
     data = head(load_data(cfg.data, cfg.split, cfg.columns), cfg.limit)
     bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
     layers = parse_layers(cfg.layers, bb.n_layers)
@@ -142,9 +187,17 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         )
     tok = tokenize(bb.tokenizer, data, max_length, bb.takes_token_type_ids)
     layout = build_layout(cfg, tok, bb, layers, data.labels)
-    plan = plan_settings(cfg, bb, len(layers))
+    plan = plan_settings(cfg, bb, len(layers), layout.shard_rows)
     batches = plan_batches(tok.lengths, np.diff(_row_offsets(tok, cfg.positions)), plan)
     _announce(cfg, layout, tok, batches)
+    owned = owned_shards(layout, plan.window_rows, shard)
+    if shard is not None:
+        windows = n_windows(layout, plan.window_rows)
+        log.info("shard worker %d/%d: %d of %d shards (%d windows in all)", shard[0], shard[1],
+                 int(owned.sum()), layout.n_shards, windows)  # fmt: skip
+        if windows < shard[1]:
+            log.warning("only %d windows for %d workers: some have nothing to do; lower "
+                        "--window-mb to split the work finer", windows, shard[1])  # fmt: skip
     arrays = {
         "offsets": _row_offsets(tok, cfg.positions),
         "token_offsets": tok.offsets,
@@ -157,7 +210,7 @@ def run_cache(cfg: CacheConfig) -> dict[str, Any]:
         arrays.update(lst_prune(bb, cfg.lst_prune))
     ident = identity(cfg, bb, data, plan, max_length)
     try:
-        return _write(cfg, layout, tok, bb, layers, batches, ident, data.task, arrays)
+        return _write(cfg, layout, tok, bb, layers, batches, ident, data.task, arrays, owned)
     except OSError as exc:
         if isinstance(exc, SidecacheError):
             raise
@@ -174,21 +227,24 @@ def _write(
     ident: dict[str, Any],
     task: dict[str, Any],
     arrays: dict[str, np.ndarray],
+    owned: np.ndarray,
 ) -> dict[str, Any]:
     """Create or resume the store and stream every needed batch into it."""
-    writer = create_store(
-        cfg.out,
-        layout,
-        ident,
-        task,
-        arrays,
-        overwrite=cfg.overwrite,
-        threads=cfg.writer_threads,
-    )
+    with meta_lock(cfg.out):  # shard workers starting together: one creates, the rest resume
+        writer = create_store(
+            cfg.out,
+            layout,
+            ident,
+            task,
+            arrays,
+            overwrite=cfg.overwrite,
+            threads=cfg.writer_threads,
+        )
     if writer is None:
         log.info("%s is already complete for these settings; nothing to do", cfg.out)
         return open_store(cfg.out).summary()
     started = time.perf_counter()
+    writer.own(owned)
     needed = writer.needed_samples()
     done_before = int(writer.done.sum())
     if done_before:
@@ -215,14 +271,20 @@ def _write(
             batch = make_batch(tok, samples, bb.device)
             writer.put(extract_rows(bb, batch, layers, cfg.positions, cfg.dtype))
             bar.update(int(tok.lengths[samples].sum()))
-        writer.close()
+        everything = writer.finish()
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
     log.info("stage one finished in %.1f s", time.perf_counter() - started)
-    return open_store(cfg.out).summary()
+    if everything:  # the last shard worker to finish (or a whole run) finalises the store
+        with meta_lock(cfg.out):
+            finalize_store(cfg.out)
+    else:
+        log.info("this worker's shards are on disk; %d shards still belong to other workers (the "
+                 "last one to finish finalises the store)", int((~writer.done).sum()))  # fmt: skip
+    return open_store(cfg.out, allow_incomplete=True).summary()
 
 
 def shard_bytes_estimate(layout: Layout) -> float:
@@ -241,7 +303,7 @@ def _shards_on_disk(path: str, layout: Layout) -> int:
 
 
 def _free_bytes(path: str) -> int | None:
-    if "://" in path:
+    if locate(path).is_remote:
         return None
     for folder in (Path(path), *Path(path).absolute().parents):
         if folder.exists():

@@ -121,7 +121,7 @@ def load_predictor(run: str | Path, device: str = "auto", backbone: str | None =
     sidenet = build(spec, info)  # LST's pruned init is overwritten by the weights right after
     sidenet.load_state_dict(state["state_dict"])
     ex = ident["extraction"]
-    plan = PlanSettings(int(ex["token_budget"]), int(ex["max_batch"]), int(ex["window_rows"]))
+    plan = PlanSettings.from_extraction(ex)
     predictor = Predictor(bb, sidenet.to(bb.device), info, info.dtype)
     return Loaded(predictor, state, plan, int(ident["tokenizer"]["max_length"]))
 

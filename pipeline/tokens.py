@@ -106,6 +106,20 @@ class PlanSettings:
     token_budget: int = 4096  # max padded tokens (batch size x longest sample) per batch
     max_batch: int = 256  # max samples per batch
     window_rows: int = 1 << 18  # samples are sorted by length within windows of this many rows
+    # windows at fixed multiples of window_rows (a sample belongs to the window its first row is
+    # in) rather than starting where the previous one ended: with window_rows a multiple of the
+    # shard size, every window is whole shards, so shard workers can split the plan by window
+    aligned: bool = False
+
+    @classmethod
+    def from_extraction(cls, ex: dict[str, Any]) -> PlanSettings:
+        """The settings a store recorded (``identity.extraction``), to re-plan its batches."""
+        return cls(
+            int(ex["token_budget"]),
+            int(ex["max_batch"]),
+            int(ex["window_rows"]),
+            aligned=ex.get("windows") == "aligned",  # absent in stores written before --shard
+        )
 
 
 def plan_batches(
@@ -115,6 +129,13 @@ def plan_batches(
     window by length, then cut it into batches of at most ``token_budget`` padded tokens."""
     batches: list[np.ndarray] = []
     row_ends = np.cumsum(rows_per_sample)
+    if settings.aligned:
+        window_of = (row_ends - rows_per_sample) // settings.window_rows
+        cuts = np.flatnonzero(np.diff(window_of)) + 1
+        for window in np.split(np.arange(len(lengths)), cuts):
+            order = window[np.argsort(lengths[window], kind="stable")]
+            batches += _cut(order, lengths, settings)
+        return batches
     start, n = 0, len(lengths)
     while start < n:
         base = row_ends[start - 1] if start else 0

@@ -36,7 +36,7 @@ def stored_tokens(reader: StoreReader) -> Tokenized:
 
 def stored_plan(reader: StoreReader, tok: Tokenized) -> list[np.ndarray]:
     ex = reader.identity["extraction"]
-    settings = PlanSettings(int(ex["token_budget"]), int(ex["max_batch"]), int(ex["window_rows"]))
+    settings = PlanSettings.from_extraction(ex)
     return plan_batches(tok.lengths, np.diff(reader.offsets), settings)
 
 

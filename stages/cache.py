@@ -31,7 +31,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="train", help="train, dev, ... (default train)")
     p.add_argument("--limit", type=int, default=None, help="only the first N samples of the split")
-    p.add_argument("--out", required=True, help="store to write (a folder)")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="store to write: a folder or an fsspec URL (s3://bucket/store, memory://...); "
+        "credentials come from the environment or ~/.aws, never from the URL",
+    )
     p.add_argument("--layers", default="all", help="all, or comma list like 0,3,-1")
     p.add_argument("--positions", default="all", help="all | first | last | mean")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | int8")
@@ -62,6 +67,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--writer-threads", type=int, default=2, help="compression/write threads")
     p.add_argument("--chunk-mb", type=float, default=4.0, help="target chunk size")
     p.add_argument("--shard-chunks", type=int, default=8, help="chunks per shard file")
+    p.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="write only worker I's share of N (run N of these, e.g. one per GPU); the last to "
+        "finish finalises the store",
+    )
+    p.add_argument(
+        "--finalize",
+        action="store_true",
+        help="only finalise a store whose shards are all written (after --shard workers)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the store summary as JSON")
     return p
@@ -92,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         chunk_mb=args.chunk_mb,
         shard_chunks=args.shard_chunks,
         progress=not args.no_progress,
+        shard=args.shard,
+        finalize=args.finalize,
     )
     summary = run_cache(cfg)
     if args.json:

@@ -5,11 +5,13 @@ transformers: it stores rows of hidden states (one row per token, or per sample 
 single-position modes), their sample offsets, token ids and labels, and JSON metadata.
 """
 
+from storage.claims import WHOLE, claim, meta_lock, shard_slot
 from storage.codecs import STORED_DTYPES, CodecSpec, decode_rows, parse_codec, parse_dtype
 from storage.errors import (
     ConfigError,
     NonFiniteError,
     SidecacheError,
+    StoreBusyError,
     StoreCorruptError,
     StoreError,
     StoreExistsError,
@@ -18,20 +20,24 @@ from storage.errors import (
     StoreNotFoundError,
     StoreSchemaError,
 )
+from storage.location import Location, locate
 from storage.reader import StoreReader, open_store
 from storage.schema import POSITIONS, SCHEMA_VERSION, Layout, parse_positions
-from storage.writer import BatchRows, StoreWriter, create_store
+from storage.writer import BatchRows, StoreWriter, create_store, finalize_store
 
 __all__ = [
     "POSITIONS",
     "SCHEMA_VERSION",
     "STORED_DTYPES",
+    "WHOLE",
     "BatchRows",
     "CodecSpec",
     "ConfigError",
     "Layout",
+    "Location",
     "NonFiniteError",
     "SidecacheError",
+    "StoreBusyError",
     "StoreCorruptError",
     "StoreError",
     "StoreExistsError",
@@ -41,10 +47,15 @@ __all__ = [
     "StoreReader",
     "StoreSchemaError",
     "StoreWriter",
+    "claim",
     "create_store",
     "decode_rows",
+    "finalize_store",
+    "locate",
+    "meta_lock",
     "open_store",
     "parse_codec",
     "parse_dtype",
     "parse_positions",
+    "shard_slot",
 ]

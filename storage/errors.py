@@ -55,3 +55,7 @@ class StoreWriteError(StoreError, OSError):
 
 class DiskFullError(StoreWriteError):
     """The disk holding the store ran out of space (``ENOSPC``) while stage one was writing."""
+
+
+class StoreBusyError(StoreError, BlockingIOError):
+    """Another stage-one process holds a claim on the store (or on the same shard of it)."""

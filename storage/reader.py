@@ -17,6 +17,7 @@ from storage.errors import (
     StoreMismatchError,
     StoreNotFoundError,
 )
+from storage.location import locate
 from storage.schema import Layout, check_metadata, lookup
 
 
@@ -34,11 +35,12 @@ def open_store(
     Raises :class:`StoreNotFoundError`, :class:`StoreIncompleteError` or
     :class:`StoreMismatchError` naming the first problem found.
     """
-    where = str(path)
-    if not Path(where).exists() and "://" not in where:
+    loc = locate(path)
+    where = str(loc)
+    if not loc.exists():
         raise StoreNotFoundError(f"no store at {where}: run 'sidecache cache ... --out {where}'")
     try:
-        group = zarr.open_group(where, mode="r", zarr_format=3)
+        group = zarr.open_group(loc.zarr_store(read_only=True), mode="r", zarr_format=3)
     except (FileNotFoundError, ValueError) as exc:
         raise StoreNotFoundError(f"{where} is not a Zarr v3 group: {exc}") from exc
     meta = check_metadata(group.attrs.get("sidecache"), where)
@@ -189,10 +191,7 @@ class StoreReader:
 
     # -- summary ---------------------------------------------------------------------------
     def bytes_on_disk(self) -> int | None:
-        root = Path(self.path)
-        if not root.is_dir():
-            return None
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return locate(self.path).size()
 
     def summary(self) -> dict[str, Any]:
         lay = self.layout

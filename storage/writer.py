@@ -11,18 +11,17 @@ the same batches.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 
 from storage.codecs import STORED_DTYPES, compressors_for
-from storage.errors import StoreExistsError, StoreSchemaError
+from storage.errors import StoreExistsError, StoreIncompleteError, StoreSchemaError
+from storage.location import Location, locate
 from storage.schema import STAT_FIELDS, Layout, check_metadata, make_metadata
 from storage.stats import merge_shard_stats, shard_stats
 
@@ -44,8 +43,10 @@ class BatchRows:
     stats: np.ndarray  # (R, n_layers, 4) float32: per-row sum, sumsq, min, max
 
 
-def _open_group(path: str, mode: str) -> zarr.Group:
-    return zarr.open_group(path, mode=mode, zarr_format=3)  # type: ignore[arg-type]
+def _open_group(where: str | Location, mode: str) -> zarr.Group:
+    loc = locate(where)
+    store = loc.zarr_store(read_only=mode == "r")
+    return zarr.open_group(store, mode=mode, zarr_format=3)  # type: ignore[arg-type]
 
 
 def array(group: zarr.Group, name: str) -> Any:
@@ -53,13 +54,11 @@ def array(group: zarr.Group, name: str) -> Any:
     return group[name]
 
 
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
-
-
-def _existing_meta(path: str) -> dict[str, Any] | None:
+def _existing_meta(loc: Location) -> dict[str, Any] | None:
+    if not loc.exists():
+        return None
     try:
-        group = _open_group(path, "r")
+        group = _open_group(loc, "r")
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError):
         return None
     meta = group.attrs.get("sidecache")
@@ -95,9 +94,9 @@ def create_store(
     ``token_ids``, ``labels`` and, when the layout says so, ``token_type_ids``; any other entry
     is stored as is (e.g. ``lst_init/...``). A resumed store keeps the arrays it has.
     """
-    target = Path(path)
+    target = locate(path)
     meta = make_metadata(layout, identity, task)
-    existing = _existing_meta(path)
+    existing = _existing_meta(target)
     if existing is not None and not overwrite:
         check_metadata(existing, path)
         diffs = []
@@ -116,13 +115,13 @@ def create_store(
             return StoreWriter(path, layout, threads=threads)
         log.info("%s was interrupted while being created; starting it again", path)
         overwrite = True
-    elif target.exists() and not overwrite and not _is_empty_dir(target):
+    elif not overwrite and not target.is_empty():
         raise StoreExistsError(
             f"{path} exists and is not a sidecache store; refusing to write into it. "
             "Pass --overwrite to replace it, or choose another --out"
         )
-    if overwrite and target.exists():
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    if overwrite:
+        target.remove()
     _initialise(path, layout, meta, arrays)
     return StoreWriter(path, layout, threads=threads)
 
@@ -209,7 +208,7 @@ class StoreWriter:
     """
 
     def __init__(self, path: str, layout: Layout, *, threads: int = 2, max_pending: int = 2):
-        self.path = path
+        self.path = str(path)
         self.layout = layout
         self.group = _open_group(path, "r+")
         meta = check_metadata(self.group.attrs.get("sidecache"), path)
@@ -224,6 +223,7 @@ class StoreWriter:
         )
         self._progress = array(self.group, "progress")
         self.done = self._read_done()
+        self.owned = np.ones(layout.n_shards, dtype=bool)  # shards this process writes
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sidecache-write")
         self._slots = threading.BoundedSemaphore(max_pending + threads)
         self._futures: list[Future[None]] = []
@@ -241,12 +241,17 @@ class StoreWriter:
             done[shard] = bool(np.isfinite(row).all())
         return done
 
+    def own(self, shards: np.ndarray) -> None:
+        """Write only these shards (a boolean mask): ``sidecache cache --shard I/N``. Rows of
+        other shards that arrive in a batch are dropped, as for shards already on disk."""
+        self.owned = np.asarray(shards, dtype=bool).copy()
+
     def needed_samples(self) -> np.ndarray:
-        """Boolean mask of the samples whose rows touch a shard that is not on disk yet."""
+        """Boolean mask of the samples whose rows touch an owned shard not on disk yet."""
         starts, stops = self.offsets[:-1], self.offsets[1:]
         first = starts // self.layout.shard_rows
         last = np.maximum(stops - 1, starts) // self.layout.shard_rows
-        todo = ~self.done
+        todo = self.owned & ~self.done
         cum = np.concatenate([[0], np.cumsum(todo)])
         return (cum[last + 1] - cum[first]) > 0
 
@@ -267,8 +272,8 @@ class StoreWriter:
         shard_of = dest // self.layout.shard_rows
         shards = np.unique(shard_of).tolist()
         for shard in shards:
-            if self.done[shard]:
-                continue  # already on disk (a resumed run): these rows are not needed
+            if self.done[shard] or not self.owned[shard]:
+                continue  # on disk already (a resumed run) or another worker's: not needed
             if len(shards) == 1:
                 self._fill(shard, dest, batch, None)
             else:
@@ -320,8 +325,9 @@ class StoreWriter:
         correct and complete), so a resumed run has less to redo."""
         self._pool.shutdown(wait=True)
 
-    def close(self) -> dict[str, Any]:
-        """Wait for the disk, check every shard is recorded, then mark the store complete."""
+    def finish(self) -> bool:
+        """Wait until every owned shard is on disk; ``True`` when the whole store is (so it can
+        be finalised: by this process, or by the last shard worker to finish)."""
         missing = np.flatnonzero(self.needed_samples() & ~self._seen)
         if len(missing) or self._open:
             self.abort()
@@ -331,11 +337,39 @@ class StoreWriter:
             )
         self._pool.shutdown(wait=True)
         self._raise_failures()
-        progress = np.stack([np.asarray(self._progress[s]) for s in range(self.layout.n_shards)])
-        if not np.isfinite(progress).all():
-            raise RuntimeError("some shards have no progress record; the store stays incomplete")
-        stats = merge_shard_stats(progress, self.layout)
-        meta: dict[str, Any] = dict(self.group.attrs["sidecache"])  # type: ignore[arg-type]
-        meta.update(stats=stats, complete=True)
-        self.group.attrs["sidecache"] = meta
+        self.done = self._read_done()  # other shard workers may have written theirs meanwhile
+        return bool(self.done.all())
+
+    def close(self) -> dict[str, Any]:
+        """Wait for the disk, check every shard is recorded, then mark the store complete."""
+        self.finish()
+        return finalize_store(self.path)
+
+
+def finalize_store(path: str | Location) -> dict[str, Any]:
+    """Fold the per-shard records into the store's statistics and mark it complete.
+
+    Idempotent; raises :class:`StoreIncompleteError` naming the shards still missing.
+    """
+    group = _open_group(path, "r+")
+    meta: dict[str, Any] = dict(check_metadata(group.attrs.get("sidecache"), str(path)))
+    layout = Layout.from_json(meta["layout"])
+    rows = []
+    for shard in range(layout.n_shards):
+        try:
+            rows.append(np.asarray(array(group, "progress")[shard]))
+        except Exception:  # a torn progress chunk counts as not done
+            rows.append(np.full((len(layout.layers), len(STAT_FIELDS)), np.nan))
+    progress = np.stack(rows)
+    missing = np.flatnonzero(~np.isfinite(progress).all(axis=(1, 2)))
+    if len(missing):
+        raise StoreIncompleteError(
+            f"{path}: {len(missing)} of {layout.n_shards} shards are not written yet (shards "
+            f"{missing[:10].tolist()}{' ...' if len(missing) > 10 else ''}); run the missing "
+            "'sidecache cache --shard I/N' workers, or the command without --shard, to write them"
+        )
+    if meta.get("complete"):
         return meta
+    meta.update(stats=merge_shard_stats(progress, layout), complete=True)
+    group.attrs["sidecache"] = meta
+    return meta
