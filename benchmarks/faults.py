@@ -3,9 +3,10 @@
 Stage one: a real ``sidecache cache`` subprocess on a small real run (a config-built BERT saved
 with ``save_pretrained`` next to the MiniLM tokenizer, over a CSV of synthetic sentences; or
 ``--backbone minilm --data bbc --limit N``) is killed with ``SIGKILL``, half of the time after a
-random delay (uniform over the uninterrupted run's wall time, so imports, tokenising, store
-creation and writing are all hit) and half of the time when a random number of files has appeared
-in the store (alternately ``progress`` rows, i.e. whole shards, and hidden-state shard files, i.e.
+random delay (alternately uniform over the uninterrupted run's wall time, so imports, tokenising
+and store creation are hit too, and uniform over its writing phase, counted from the moment the
+store's ``zarr.json`` appears) and half of the time when a random number of files has appeared in
+the store (alternately ``progress`` rows, i.e. whole shards, and hidden-state shard files, i.e.
 mid-shard). The same command is then run again to resume, and the resumed store must equal an
 uninterrupted one: every array bit for bit (read back through the checksummed reader), the
 metadata equal except timing fields, the same set of files.
@@ -93,7 +94,10 @@ STAGE_ONE_FLAGS = ["--device", "cpu", "--no-progress", "--token-budget", "512",
                    "--window-mb", "0.5", "--chunk-mb", "0.03", "--shard-chunks", "2"]  # fmt: skip
 
 
-def make_workload(root: Path, samples: int = 1500, backbone: str = "tiny") -> Workload:
+def make_workload(
+    root: Path, samples: int = 1500, backbone: str = "tiny", model: str | None = None
+) -> Workload:
+    """Stage-one arguments for a train and a dev store; ``model``: an existing local backbone."""
     root.mkdir(parents=True, exist_ok=True)
     if backbone == "minilm":
         train = ["--backbone", "minilm", "--data", "bbc", "--split", "train", "--limit",
@@ -101,8 +105,8 @@ def make_workload(root: Path, samples: int = 1500, backbone: str = "tiny") -> Wo
         dev = ["--backbone", "minilm", "--data", "bbc", "--split", "dev", "--limit", "200",
                "--max-length", "128"]  # fmt: skip
     else:
-        model = root / "backbone"
-        model_path = str(model) if model.is_dir() else build_backbone(model)
+        folder = root / "backbone"
+        model_path = model or (str(folder) if folder.is_dir() else build_backbone(folder))
         train = ["--backbone", model_path, "--data", write_csv(root / "train.csv", samples, 1)]
         dev = ["--backbone", model_path, "--data", write_csv(root / "dev.csv", 300, 2)]
     return Workload(train + STAGE_ONE_FLAGS, dev + STAGE_ONE_FLAGS)
@@ -216,14 +220,19 @@ def count_files(folder: Path, pattern: str) -> int:
 class Kill:
     """Where to kill: after ``delay`` seconds, or once ``pattern`` matches ``count`` files."""
 
-    mode: str  # "time", "progress", "files" (stage one); "time", "checkpoint" (stage two)
+    mode: str  # stage one: time, time-writing, progress, files; stage two: time, checkpoint
     delay: float = 0.0
     pattern: str = ""
     count: int = 0
+    created: float | None = None  # when the store's zarr.json appeared (time-writing)
 
     def reached(self, out: Path, started: float) -> bool:
         if self.mode == "time":
             return time.monotonic() - started >= self.delay
+        if self.mode == "time-writing":  # ``delay`` seconds after the store was created
+            if self.created is None and (out / "zarr.json").is_file():
+                self.created = time.monotonic()
+            return self.created is not None and time.monotonic() - self.created >= self.delay
         return count_files(out, self.pattern) >= self.count
 
 
@@ -278,21 +287,24 @@ def stage_one_kills(work: Workload, root: Path, kills: int, seed: int,
     """``kills`` SIGKILLs of stage one, each followed by a resume and a comparison."""
     rng = random.Random(seed)
     ref = root / "ref"
-    started = time.monotonic()
-    done = run(sidecache("cache", *work.cache_args, "--out", str(ref), "--overwrite"))
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    wall = time.monotonic() - started
+    watch = Kill("time-writing", delay=float("inf"))  # never fires; records the store's creation
+    killed, wall = kill_at(sidecache("cache", *work.cache_args, "--out", str(ref), "--overwrite"),
+                           ref, watch)  # fmt: skip
+    assert not killed and watch.created is not None
+    writing = max(0.1, wall - (watch.created - (time.monotonic() - wall)))
     n_shards = count_files(ref / "progress" / "c", "*/0/0")
     n_files = count_files(ref / "hidden", "*/c/*/0")
-    log(f"stage one reference: {wall:.1f} s, {n_shards} shards, {n_files} hidden shard files")
+    log(f"stage one reference: {wall:.1f} s ({writing:.1f} s after the store was created), "
+        f"{n_shards} shards, {n_files} hidden shard files")  # fmt: skip
     trials: list[Trial] = []
-    modes = ["time", "progress", "time", "files"]
+    modes = ["time", "progress", "time-writing", "files"]
     missed = 0
     while len(trials) < kills:
         mode = modes[len(trials) % len(modes)]
         if mode == "time":
             kill = Kill("time", delay=rng.uniform(0.05, 0.98) * wall)
+        elif mode == "time-writing":
+            kill = Kill("time-writing", delay=rng.uniform(0.0, 0.98) * writing)
         elif mode == "progress":
             kill = Kill("progress", pattern="progress/c/*/0/0", count=rng.randint(1, n_shards - 1))
         else:
@@ -308,11 +320,11 @@ def stage_one_kills(work: Workload, root: Path, kills: int, seed: int,
         # the resume is the same command without --overwrite (which would start again)
         resumed = run(sidecache("cache", *work.cache_args, "--out", str(out)))
         diffs = compare_stores(ref, out) if resumed.returncode == 0 else [resumed.stderr[-800:]]
-        point = kill.delay if mode == "time" else kill.count
+        point = kill.delay if mode.startswith("time") else kill.count
         trial = Trial("one", mode, point, round(secs, 2), complete, on_disk, len(partial),
                       resumed.returncode, diffs)  # fmt: skip
         trials.append(trial)
-        log(f"stage one kill {len(trials):2d}/{kills} {mode:8s} at {point:>7.2f} "
+        log(f"stage one kill {len(trials):2d}/{kills} {mode:12s} at {point:>7.2f} "
             f"({on_disk}/{n_shards} shards on disk, {len(partial)} .partial files): "
             f"{'identical' if trial.survived else diffs[:3]}")  # fmt: skip
     return {"reference_s": wall, "shards": n_shards, "missed_kill_points": missed,
@@ -347,7 +359,7 @@ def stage_two_kills(work: Workload, root: Path, store: Path, kills: int, seed: i
         out = root / f"t{len(trials)}"
         if out.exists():
             shutil.rmtree(out)
-        if len(trials) % 2 == 0:
+        if len(trials) % 2 == 1:
             kill = Kill("time", delay=rng.uniform(0.1, 0.98) * wall)
         else:  # right after the k-th checkpoint (any network's last.pt) appears or is replaced
             kill = Kill("checkpoint", count=rng.randint(1, n_ckpt - 1))

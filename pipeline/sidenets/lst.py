@@ -22,7 +22,7 @@ from pipeline.sidenets.base import (
     layer_index,
     make_head,
 )
-from storage import StoreMismatchError, open_store
+from storage import ConfigError, StoreMismatchError, open_store
 
 
 @dataclass
@@ -75,7 +75,10 @@ class Lst(nn.Module):
                 "positions; use a store cached with --positions all"
             )
         if info.hidden_size % cfg.r:
-            raise ValueError(f"r={cfg.r} does not divide the hidden size {info.hidden_size}")
+            raise StoreMismatchError(
+                f"lst: r={cfg.r} does not divide the store's hidden size {info.hidden_size}; "
+                "choose an r that divides it (e.g. lst:r=8 for 384 or 768)"
+            )
         self.info, self.cfg = info, cfg
         self.pool = cfg.pool or info.pooling
         check_pool(self.pool, info)
@@ -104,7 +107,7 @@ class Lst(nn.Module):
         if cfg.init == "pruned":
             self._init_pruned(ladders, heads)
         elif cfg.init != "random":
-            raise ValueError(f"init must be random or pruned; found {cfg.init!r}")
+            raise ConfigError(f"lst: init must be random or pruned; found {cfg.init!r}")
 
     @torch.no_grad()
     def _init_pruned(self, ladders: list[int], heads: int) -> None:

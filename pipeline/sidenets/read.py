@@ -25,6 +25,7 @@ from pipeline.sidenets.base import (
     pool_rows,
     select_rows,
 )
+from storage import ConfigError
 
 RNNS = {"gru": nn.GRU, "lstm": nn.LSTM, "elman": nn.RNN}
 
@@ -44,9 +45,9 @@ class Read(nn.Module):
     def __init__(self, info: StoreInfo, cfg: ReadConfig):
         super().__init__()
         if cfg.rnn not in RNNS:
-            raise ValueError(f"rnn must be one of {sorted(RNNS)}; found {cfg.rnn!r}")
+            raise ConfigError(f"read: rnn must be one of {sorted(RNNS)}; found {cfg.rnn!r}")
         if cfg.aggregate not in ("last", "mean"):
-            raise ValueError(f"aggregate must be last or mean; found {cfg.aggregate!r}")
+            raise ConfigError(f"read: aggregate must be last or mean; found {cfg.aggregate!r}")
         self.info, self.cfg = info, cfg
         self.pool = cfg.pool or info.pooling
         check_pool(self.pool, info)

@@ -1,10 +1,15 @@
 """Bad input, table-driven: each case exits 2 with a named error and a message that says what
-was expected, and leaves nothing that looks like a complete store."""
+was expected (and what was found, and what to change), and leaves nothing that looks like a
+complete output: no complete store, no finished run, no predictions file.
+
+Stage one, stage two, predict, verify and the DVC ``stage`` command are covered. Text longer than
+the backbone's limit is not an error: it is truncated and the count is logged (last test)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +18,7 @@ import pytest
 import zarr
 
 from pipeline.cli import main
+from pipeline.train import TrainConfig, run_train
 from storage import StoreError, open_store
 from tests.conftest import build_bert, small_cache
 
@@ -28,6 +34,30 @@ class Case:
 def cache(env: dict[str, str], out: Path, *extra: str, data: str | None = None) -> list[str]:
     return ["cache", "--backbone", env["model"], "--data", data or env["data"], "--out", str(out),
             "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+
+
+def train(env: dict[str, str], out: Path, *specs: str, tr: str = "good", ev: str = "good",
+          extra: tuple[str, ...] = ()) -> list[str]:  # fmt: skip
+    root = Path(env["root"])
+    nets = [x for spec in (specs or ("linear",)) for x in ("--sidenet", spec)]
+    return ["train", "--train", str(root / tr), "--eval", str(root / ev), *nets, "--epochs", "1",
+            "--out", str(out), "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+
+
+def predict(env: dict[str, str], *extra: str, run: str | None = None) -> list[str]:
+    return ["predict", "--run", run or str(Path(env["root"]) / "run" / "linear"), "--device",
+            "cpu", *extra]  # fmt: skip
+
+
+def stage(t: Path, params: str, *args: str) -> list[str]:
+    (t / "params-bad.yaml").write_text(params)
+    return ["stage", "--params", str(t / "params-bad.yaml"), "--root", str(t / "dvc"), *args]
+
+
+def jsonl_file(root: Path, name: str, rows: list[dict[str, object]]) -> str:
+    path = root / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f"jsonl:{path}"
 
 
 def csv_file(root: Path, name: str, text: str) -> str:
@@ -183,7 +213,256 @@ CASES = [
         "StoreMismatchError",
         "weights_hash",
     ),
+    # -- stage one: what the backbone produces and what the data holds ---------------------
+    Case(
+        "NaN in hidden states at write time",
+        lambda t, e: cache(dict(e, model=e["nan"]), t / "o"),
+        "NonFiniteError",
+        "NaN/inf at layer 0 for sample 2",
+    ),
+    Case(
+        "labels of an unusable type",
+        lambda t, e: cache(
+            e,
+            t / "o",
+            data=jsonl_file(
+                t,
+                "l.jsonl",
+                [{"text": "a film", "label": [1, 2]}, {"text": "a dull film", "label": [0]}],
+            ),
+        ),
+        "DataSpecError",
+        "unusable types",
+    ),
+    Case(
+        "labels mixing numbers and names",
+        lambda t, e: cache(
+            e,
+            t / "o",
+            data=jsonl_file(
+                t,
+                "x.jsonl",
+                [{"text": "a film", "label": 1}, {"text": "a dull film", "label": "neg"}],
+            ),
+        ),
+        "DataSpecError",
+        "expected class names, integer class ids or numbers",
+    ),
+    Case(
+        "negative class ids",
+        lambda t, e: cache(e, t / "o", data=csv_file(t, "neg.csv", "text,label\nhi,1\nho,-3\n")),
+        "DataSpecError",
+        "negative class ids",
+    ),
+    Case(
+        "empty split (no rows after the header)",
+        lambda t, e: cache(e, t / "o", data=csv_file(t, "h.csv", "text,label\n")),
+        "DataSpecError",
+        "has no rows",
+    ),
+    Case(
+        "--limit 0",
+        lambda t, e: cache(e, t / "o", "--limit", "0"),
+        "DataSpecError",
+        "--limit must be at least 1",
+    ),
+    # -- stage two: stores that do not fit the side networks or each other -----------------
+    Case(
+        "unknown side network kind",
+        lambda t, e: train(e, t / "r", "transformer"),
+        "ConfigError",
+        "unknown side network 'transformer'",
+    ),
+    Case(
+        "unknown side network key",
+        lambda t, e: train(e, t / "r", "read:width=64"),
+        "ConfigError",
+        "unknown key 'width'",
+    ),
+    Case(
+        "side network key of the wrong type",
+        lambda t, e: train(e, t / "r", "read:hidden=big"),
+        "ConfigError",
+        "hidden='big' is not a int",
+    ),
+    Case(
+        "unknown READ recurrence",
+        lambda t, e: train(e, t / "r", "read:rnn=transformer"),
+        "ConfigError",
+        "rnn must be one of",
+    ),
+    Case(
+        "LST width that does not divide the store's hidden size",
+        lambda t, e: train(e, t / "r", "lst:r=5"),
+        "StoreMismatchError",
+        "does not divide the store's hidden size 32",
+    ),
+    Case(
+        "probe on a layer the store lacks",
+        lambda t, e: train(e, t / "r", "linear:layer=7"),
+        "StoreMismatchError",
+        "layer 7 is not in the store",
+    ),
+    Case(
+        "LST on a first-position store",
+        lambda t, e: train(e, t / "r", "lst", tr="first", ev="first"),
+        "StoreMismatchError",
+        "LST attends over tokens",
+    ),
+    Case(
+        "mean pooling on a first-position store",
+        lambda t, e: train(e, t / "r", "read:pool=mean", tr="first", ev="first"),
+        "StoreMismatchError",
+        "pools 'mean' but the store holds only 'first'",
+    ),
+    Case(
+        "eval store from another backbone",
+        lambda t, e: train(e, t / "r", ev="other-store"),
+        "StoreMismatchError",
+        "train and eval stores do not match",
+    ),
+    Case(
+        "eval store with other positions",
+        lambda t, e: train(e, t / "r", ev="first"),
+        "StoreMismatchError",
+        "layout.positions is 'first' but 'all' was expected",
+    ),
+    Case(
+        "eval store with other layers",
+        lambda t, e: train(e, t / "r", ev="layers02"),
+        "StoreMismatchError",
+        "layout.layers is [0, 2] but [0, 1, 2] was expected",
+    ),
+    Case(
+        "eval store with another hidden size",
+        lambda t, e: train(e, t / "r", ev="wide"),
+        "StoreMismatchError",
+        "train and eval stores do not match",
+    ),
+    Case(
+        "train on an incomplete store",
+        lambda t, e: train(e, t / "r", tr="incomplete"),
+        "StoreIncompleteError",
+        "re-run the same 'sidecache cache' command",
+    ),
+    Case(
+        "train on a store from a newer schema",
+        lambda t, e: train(e, t / "r", tr="newer"),
+        "StoreSchemaError",
+        "upgrade sidecache",
+    ),
+    Case(
+        "train on a store with a flipped byte",
+        lambda t, e: train(e, t / "r", tr="corrupt", ev="corrupt"),
+        "StoreCorruptError",
+        "array 'hidden/1' has 1 damaged chunk(s): chunk (0, 0)",
+    ),
+    Case(
+        "train with --epochs 0",
+        lambda t, e: train(e, t / "r", extra=("--epochs", "0")),
+        "ConfigError",
+        "--epochs and --batch-size must be at least 1",
+    ),
+    Case(
+        "resume a run folder trained on another store",
+        lambda t, e: train(e, t / "run", tr="wide", ev="wide"),
+        "ConfigError",
+        "holds a run of 'linear' on another store",
+    ),
+    # -- predict and verify -------------------------------------------------------------
+    Case(
+        "predict from a run folder without a checkpoint",
+        lambda t, e: predict(e, "--text", "a film", run=str(t / "empty-run")),
+        "ConfigError",
+        "no checkpoint at",
+    ),
+    Case(
+        "predict with both --text and --data",
+        lambda t, e: predict(
+            e, "--text", "a film", "--data", e["data"], "--out", str(t / "p.jsonl")
+        ),
+        "ConfigError",
+        "give either --text",
+    ),
+    Case(
+        "predict with unpaired --text-pair",
+        lambda t, e: predict(e, "--text", "a", "--text", "b", "--text-pair", "c"),
+        "ConfigError",
+        "2 --text but 1 --text-pair",
+    ),
+    Case(
+        "predict with another backbone",
+        lambda t, e: predict(e, "--text", "a film", "--backbone", e["other"]),
+        "StoreMismatchError",
+        "the side network was trained on hidden states of backbone",
+    ),
+    Case(
+        "verify a store with a flipped byte",
+        lambda t, e: ["verify", str(t / "corrupt"), "--samples", "0"],
+        "StoreCorruptError",
+        "hidden/1/c/0/0",
+    ),
+    # -- DVC params --------------------------------------------------------------------
+    Case(
+        "params.yaml with an unknown key",
+        lambda t, e: stage(t, "tasks: [bbc]\ncache: {dtipe: int8}\n", "tasks"),
+        "ParamsError",
+        "unknown key(s) dtipe in `cache`",
+    ),
+    Case(
+        "params.yaml that is not YAML",
+        lambda t, e: stage(t, "tasks: [bbc\ncache: {\n", "tasks"),
+        "ParamsError",
+        "is not valid YAML",
+    ),
+    Case(
+        "params.yaml naming an unknown task",
+        lambda t, e: stage(t, "tasks: [nope]\n", "cache", "nope", "train"),
+        "ParamsError",
+        "task 'nope' is neither a key of `datasets`",
+    ),
 ]
+
+
+def nan_backbone(path: Path, word: str = "terrible") -> str:
+    """A tiny BERT whose embedding of ``word`` is NaN: only samples holding it go non-finite."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    build_bert(path)
+    model = BertModel.from_pretrained(path)
+    ids = AutoTokenizer.from_pretrained(path)(word, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight[ids] = float("nan")
+    model.save_pretrained(path)
+    return str(path)
+
+
+def wide_bert(path: Path) -> str:
+    """Like the tiny BERT but 48 wide: a store of another hidden size."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pipeline.backbone import resolve_source
+
+    torch.manual_seed(3)
+    cfg = BertConfig(hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+    BertModel(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(resolve_source("minilm")).save_pretrained(path)
+    return str(path)
+
+
+def flip_byte(store: Path, rel: str = "hidden/1/c/0/0", pos: int = 9) -> None:
+    path = store / rel
+    blob = bytearray(path.read_bytes())
+    blob[pos] ^= 0x24
+    path.write_bytes(bytes(blob))
+
+
+def set_meta(store: Path, **changes: object) -> None:
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs["sidecache"] = dict(group.attrs["sidecache"], **changes)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -191,26 +470,41 @@ def env(tmp_path_factory: pytest.TempPathFactory, model_dir) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad")
     glue = root / "SST-2"
     glue.mkdir()
-    (glue / "train.tsv").write_text("sentence\tlabel\na fine film\t1\na dull film\t0\n")
+    rows = ["a fine film", "a dull film", "a terrible film", "a good plot"] * 3
+    (glue / "train.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(rows))
+    )
     (glue / "test.tsv").write_text("index\tsentence\n0\ta film\n")
-    model = model_dir("bert")
-    good = root / "good"
-    small_cache(model, f"glue:{glue}", good)
+    model, data = model_dir("bert"), f"glue:{glue}"
+    other = build_bert(root / "other", seed=1)
+    small_cache(model, data, root / "good")
+    small_cache(model, data, root / "first", positions="first")
+    small_cache(model, data, root / "layers02", layers="0,2")
+    small_cache(other, data, root / "other-store")
+    small_cache(wide_bert(root / "wide-model"), data, root / "wide")
     (root / "full").mkdir()
     (root / "full" / "notes.txt").write_text("keep me")
     zarr.open_group(str(root / "plain"), mode="w")
-    small_cache(model, f"glue:{glue}", root / "newer")
-    group = zarr.open_group(str(root / "newer"), mode="r+")
-    group.attrs["sidecache"] = dict(group.attrs["sidecache"], schema_version=99)  # type: ignore[arg-type]
-    small_cache(model, f"glue:{glue}", root / "incomplete")
-    group = zarr.open_group(str(root / "incomplete"), mode="r+")
-    group.attrs["sidecache"] = dict(group.attrs["sidecache"], complete=False)  # type: ignore[arg-type]
+    for name in ("newer", "incomplete", "corrupt"):
+        shutil.copytree(root / "good", root / name)
+    set_meta(root / "newer", schema_version=99)
+    set_meta(root / "incomplete", complete=False)
+    flip_byte(root / "corrupt")
+    (root / "empty-run").mkdir()
+    good = str(root / "good")
+    cfg = TrainConfig(good, good, ["linear"], 1, str(root / "run"), device="cpu", progress=False)
+    run_train(cfg)
     return {
         "root": str(root),
         "model": model,
-        "data": f"glue:{glue}",
-        "other": build_bert(root / "other", seed=1),
+        "data": data,
+        "other": other,
+        "nan": nan_backbone(root / "nan"),
     }
+
+
+def finished_runs(out: Path) -> list[Path]:
+    return [p for p in out.glob("*/metrics.json") if json.loads(p.read_text()).get("finished")]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -223,14 +517,35 @@ def test_bad_input(case: Case, env: dict[str, str], caplog: pytest.LogCaptureFix
     message = caplog.text
     assert case.error in message and case.text in message, message
     if "--out" in argv:
-        out = argv[argv.index("--out") + 1]
-        if out.endswith(("/o",)):
+        out = Path(argv[argv.index("--out") + 1])
+        if argv[0] == "cache" and out.name == "o":
             with pytest.raises((StoreError, FileNotFoundError)):
                 open_store(out)
+        if argv[0] == "train" and out.name == "r":
+            assert not finished_runs(out)
+        if argv[0] == "predict":
+            assert not out.exists()
     if case.name == "non-empty output without --overwrite":
         assert (root / "full" / "notes.txt").read_text() == "keep me"
         assert before == json.dumps(sorted(str(p) for p in root.rglob("*")))
+    if case.name == "resume a run folder trained on another store":
+        state = json.loads((root / "run" / "linear" / "metrics.json").read_text())
+        assert state["epochs"] == 1  # the earlier run is left as it was
 
 
 def test_there_are_enough_cases() -> None:
-    assert len(CASES) >= 12
+    assert len(CASES) >= 30
+
+
+def test_text_longer_than_the_model_limit_is_truncated_and_logged(
+    env: dict[str, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not an error: samples are cut to the backbone's limit (64 positions here, or
+    --max-length) and the number of truncated samples is logged as a warning."""
+    long_text = " ".join(["very"] * 200)
+    data = csv_file(tmp_path, "long.csv", f"text,label\n{long_text},1\na film,0\n")
+    with caplog.at_level(logging.WARNING):
+        assert main(cache(env, tmp_path / "long", data=data)) == 0
+    assert "1 of 2 samples were longer than 64 tokens and were truncated" in caplog.text
+    reader = open_store(tmp_path / "long")
+    assert reader.complete and int(reader.offsets[1]) == 64
