@@ -338,8 +338,8 @@ def stage_two_kills(work: Workload, root: Path, store: Path, kills: int, seed: i
                     log: Callable[[str], None] = print) -> dict[str, Any]:  # fmt: skip
     """``kills`` SIGKILLs of stage two (on ``store``), each followed by a rerun and a comparison."""
     rng = random.Random(seed + 1)
-    dev = root / "dev"
-    if not (dev / "zarr.json").is_file():
+    dev = root / "dev" if work.dev_args else store  # no dev store: evaluate on the train store
+    if work.dev_args and not (dev / "zarr.json").is_file():
         made = run(sidecache("cache", *work.dev_args, "--out", str(dev), "--overwrite"))
         if made.returncode:
             raise RuntimeError(made.stderr[-2000:])

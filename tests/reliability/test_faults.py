@@ -19,6 +19,7 @@ def check(result: dict, kills: int) -> None:
 
 def test_stage_one_and_two_survive_a_few_kills(model_dir, tmp_path: Path) -> None:
     work = make_workload(tmp_path, samples=600, model=model_dir("bert"))
+    work.dev_args = []  # evaluate on the training store: one subprocess fewer
     check(stage_one_kills(work, tmp_path, kills=2, seed=3), 2)
     check(stage_two_kills(work, tmp_path, tmp_path / "ref", kills=1, seed=3, epochs=2), 1)
 
