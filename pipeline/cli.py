@@ -15,6 +15,7 @@ COMMANDS = {
     "verify": "stages.verify",
     "train": "stages.train",
     "predict": "stages.predict",
+    "sweep": "stages.sweep",
     "bench": "stages.bench",
     "stage": "stages.stage",
 }
