@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--methods",
         default=",".join(DEFAULT_METHODS),
-        help="comma list of cached:KIND[...] and online:KIND[...] (keys joined by ';' instead "
-        f"of ','); default {','.join(DEFAULT_METHODS)}",
+        help="comma list of cached:KIND[:key=value;...] (stage two side networks) and "
+        "online:KIND[:key=value;...] (full, lora, meft, read, lst), keys joined by ';', e.g. "
+        f"online:lora:r=8;lr=5e-4; default {','.join(DEFAULT_METHODS)}",
     )
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma list, default 0,1,2")
     p.add_argument("--epochs", type=int, default=3)
