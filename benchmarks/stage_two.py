@@ -10,15 +10,19 @@ every layer and token, ``--max-length 128``):
     rows are read once, kept in RAM, served in the same order). Each arm trains its own READ
     (default sizes, same seed, batch 32) with :func:`pipeline.train.train_step`, so both arms see
     identical batches and do identical arithmetic. Arms alternate per epoch (S R, R S, ...),
-    ``--epochs-a`` epochs each; the figure is median(streaming samples/s) / median(in-RAM
+    ``--epochs-a`` epochs each, torch intra-op threads as ``run_train`` sets them on CPU
+    (:func:`pipeline.train.cpu_threads`); the figure is median(streaming samples/s) / median(in-RAM
     samples/s). A loader-only pass (no training) per arm is also timed, to show the raw read speed.
     The store files are in the page cache (just written or read), so "streaming" measures
     decompression and decoding, not disk reads.
 (b) **K side networks in one pass.** :func:`pipeline.train.run_train` (``progress=False``, the
     default 4096 MB RAM budget, fresh output folders, ``--epochs-b`` epochs, evaluation included)
-    with K = 8 (read, lst, linear, mlp, each with seeds 1 and 2) vs K = 1 (``read`` seed 1), in
-    ABBA order over ``--repeats-b`` repeats; plus each of the other 7 networks alone, so the sum of
-    8 separate K = 1 runs can be compared with the one K = 8 pass.
+    on the ``--mem-limit`` (2,000-sample) store, with K = 8 (read, lst, linear, mlp, each with
+    seeds 1 and 2) vs K = 1 (``read`` seed 1), in ABBA order over ``--repeats-b`` repeats; plus
+    K = 8 READ-sized networks (read, seeds 1..8) and each of the other 7 networks alone, so the sum
+    of 8 separate K = 1 runs can be compared with the one K = 8 pass. Every network's own compute
+    time (``wall_time_s``: its training steps and evaluation forwards) gives the breakdown:
+    loading and bookkeeping = pass wall time minus the networks' own compute.
 (c) **Peak memory.** Each run in a fresh subprocess: the idle baseline is ``python -c "import
     torch"`` (its peak RSS, ``VmHWM``); a training child runs :func:`pipeline.train.run_train` for 1
     epoch with ``read`` and ``linear``, batch 32, either streaming (``ram_budget_mb=0``) or in RAM
@@ -639,10 +643,17 @@ def main(argv: list[str] | None = None) -> int:
         "eval_store": store_facts(dev),
         "argv": sys.argv,
     }
+
+    def save() -> None:  # after every part: a part's figures survive a later interruption
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(res, indent=2, default=str))
+
     if "a" in args.parts:
         res["a"] = part_a(
             train, dev, args.epochs_a, args.batch_size, args.work / "out", args.max_wait
         )
+        save()
     if "b" in args.parts:
         small_train = ensure_store(
             "minilm", sst2, "train", stores / f"sst2-train{args.mem_limit // 1000}k", args.mem_limit
@@ -656,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             args.work / "out",
             args.max_wait,
         )
+        save()
     if "c" in args.parts:
         bert = str(build_bert(args.work / "bert768-random"))
         small = f"{args.mem_limit // 1000}k"
@@ -675,11 +687,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
         res["c"] = part_c(mem, args.batch_size, args.work / "out", args.max_wait)
-    text = report(res)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=str))
-    print(text)
+    save()
+    print(report(res))
     return 0
 
 
