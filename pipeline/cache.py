@@ -326,19 +326,23 @@ def check_writable(path: str) -> None:
     )
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
 def write_failure(exc: OSError, path: str, layout: Layout) -> StoreWriteError:
     """Turn an ``OSError`` raised while writing the store into a named, actionable error."""
     done = _shards_on_disk(path, layout)
     todo = layout.n_shards - done
     free = _free_bytes(path)
-    free_text = "unknown" if free is None else f"{free / 1e6:.1f} MB"
+    free_text = "unknown" if free is None else _size(free)
     kept = f"the {done} of {layout.n_shards} shards already on disk are kept and the store stays "
     kept += "incomplete; re-run the same command to resume"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         need = todo * shard_bytes_estimate(layout)
         return DiskFullError(
             f"the disk holding {path} is full ({exc.strerror}, writing {exc.filename or path}): "
-            f"about {need / 1e6:.1f} MB was still to be written ({todo} shards) and {free_text} "
+            f"about {_size(need)} was still to be written ({todo} shards) and {free_text} "
             f"is free. Free at least that much space (or choose another --out); {kept}"
         )
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
