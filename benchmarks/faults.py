@@ -367,9 +367,9 @@ def stage_two_kills(work: Workload, root: Path, store: Path, kills: int, seed: i
         if not killed:
             missed += 1
             continue
+        epochs_done = _epochs_done(out)  # checkpointed before the kill
         resumed = run(sidecache("train", *args, "--out", str(out)))
         diffs = compare_runs(ref, out) if resumed.returncode == 0 else [resumed.stderr[-800:]]
-        epochs_done = _epochs_done(out)
         point = kill.delay if kill.mode == "time" else kill.count
         trial = Trial("two", kill.mode, point, round(secs, 2), False, epochs_done, 0,
                       resumed.returncode, diffs)  # fmt: skip
