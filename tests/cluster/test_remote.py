@@ -71,6 +71,16 @@ def metrics(out: Path) -> dict[str, object]:
     return {p.parent.name: json.loads(p.read_text())["eval"] for p in out.glob("*/metrics.json")}
 
 
+def test_a_small_store_on_s3_is_bit_exact_and_verifies(s3, model_dir, glue_dir, tmp_path):
+    model, data = model_dir("bert"), f"glue:{glue_dir}"
+    url = f"{s3}/small"
+    assert small_cache(model, data, url, limit=24)["complete"]
+    small_cache(model, data, tmp_path / "small", limit=24)
+    assert_same_store(tmp_path / "small", url)
+    assert run_verify(url, samples=4, device="cpu")["mismatches"] == []
+    assert small_cache(model, data, url, limit=24)["complete"]  # a rerun finds it complete
+
+
 @pytest.mark.slow  # ~110 s on the shared 2-core machine: every chunk is an HTTP request
 def test_stage_one_to_s3_reads_back_bit_exact_verifies_and_trains(
     s3, model_dir, glue_dir, tmp_path
