@@ -9,9 +9,11 @@ every worker opens the stores itself and writes its networks' outputs under
 retried ``retries`` times and then reported with its error, never dropped.
 
 Grouping: with P = tasks x seeds passes and W workers, each pass's specs are split into
-``min(K, ceil(2W / P))`` groups (or ``per_pass`` networks at most), balanced by trainable
+``min(K, ceil(W / P))`` groups (or ``per_pass`` networks at most), balanced by trainable
 parameters (longest first onto the lightest group), so passes keep sharing reads when there are
-enough of them to fill the cluster and are split when there are not.
+enough of them to fill the cluster and are split only when there are not. Splitting is not free:
+every group reads and decodes the store again (measured: a 6-network pass cut in two cost 2.4x
+the CPU-seconds, see BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -138,15 +140,17 @@ def groups_per_pass(cfg: SweepConfig, n_specs: int) -> int:
         return math.ceil(n_specs / cfg.per_pass)
     if cfg.scheduler == "sequential":
         return 1
-    return max(1, min(n_specs, math.ceil(2 * cfg.workers / passes)))
+    return max(1, min(n_specs, math.ceil(cfg.workers / passes)))
 
 
-def balance(costs: list[float], n_groups: int) -> list[list[int]]:
-    """Longest-first onto the lightest group; groups keep the specs' original order."""
+def balance(costs: list[float], n_groups: int, cap: int = 0) -> list[list[int]]:
+    """Longest-first onto the lightest group (of fewer than ``cap`` members, when given);
+    groups keep the specs' original order."""
     groups: list[list[int]] = [[] for _ in range(n_groups)]
     load = [0.0] * n_groups
     for i in sorted(range(len(costs)), key=lambda j: -costs[j]):
-        g = min(range(n_groups), key=lambda k: (load[k], len(groups[k])))
+        open_ = [k for k in range(n_groups) if not cap or len(groups[k]) < cap]
+        g = min(open_, key=lambda k: (load[k], len(groups[k])))
         groups[g].append(i)
         load[g] += costs[i]
     return [sorted(g) for g in groups if g]
@@ -165,7 +169,7 @@ def plan_units(cfg: SweepConfig) -> list[Unit]:
     units = []
     for task in cfg.tasks:
         costs = spec_costs(task, [text for _, text in named])
-        for group in balance(costs, groups_per_pass(cfg, len(named))):
+        for group in balance(costs, groups_per_pass(cfg, len(named)), cfg.per_pass):
             specs = tuple(named[i][1] for i in group)
             names = tuple(named[i][0] for i in group)
             for seed in cfg.seeds:

@@ -58,11 +58,11 @@ def test_sweep_on_two_workers_equals_the_sequential_run(stores, tmp_path):
     cfg = SweepConfig(
         tasks=[Task("sst2", train, dev), Task("broken", str(tmp_path / "no-such-store"), dev)],
         specs=SPECS, seeds=[3], epochs=2, out=str(tmp_path / "sweep"), workers=2, retries=1,
+        per_pass=3,
     )  # fmt: skip
     units = plan_units(cfg)
-    # 2 passes (tasks x seeds) for 2 workers: each pass in ceil(2 * 2 / 2) = 2 groups,
-    # balanced by trainable parameters
-    assert sorted(len(u.specs) for u in units if u.task.name == "sst2") == [2, 4]
+    # at most 3 networks per pass: 2 groups, balanced by trainable parameters
+    assert sorted(len(u.specs) for u in units if u.task.name == "sst2") == [3, 3]
     result = run_sweep(cfg)
 
     assert best(tmp_path / "sweep" / "sst2" / "seed3") == reference
@@ -100,3 +100,4 @@ def test_task_parsing_and_balancing():
     groups = balance([100.0, 1.0, 50.0, 50.0, 2.0], 2)
     loads = sorted(sum([100.0, 1.0, 50.0, 50.0, 2.0][i] for i in g) for g in groups)
     assert loads == [101.0, 102.0]
+    assert sorted(len(g) for g in balance([100.0, 1.0, 50.0, 50.0, 2.0], 2, cap=3)) == [2, 3]
