@@ -269,7 +269,10 @@ class Trial:
 
     @property
     def survived(self) -> bool:
-        return self.resumed_exit == 0 and not self.differences and not self.complete_after_kill
+        """The rerun succeeded and matches. A store already marked complete when the kill
+        landed (the process was past ``close()``) counts too: the rerun is then a no-op, so
+        the comparison checks that "complete" was only ever set on a correct store."""
+        return self.resumed_exit == 0 and not self.differences
 
 
 def _store_state(out: Path) -> tuple[bool, int]:
@@ -418,6 +421,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "survived": sum(t.survived for t in trials),
         "by_mode": {m: sum(t.mode == m for t in trials) for m in sorted({t.mode for t in trials})},
         "missed_kill_points": result["missed_kill_points"],
+        "killed_after_complete": sum(t.complete_after_kill for t in trials),
         "reference_s": round(result["reference_s"], 2),
         "leftover_partial_files": sum(t.leftover_partial_files for t in trials),
         "failures": [asdict(t) for t in trials if not t.survived],
