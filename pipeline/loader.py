@@ -64,6 +64,7 @@ class StoreLoader:
         # stored rows (a token-axis block of a wider or deeper backbone counts for more)
         block_bytes = lay.chunk_rows * row_bytes
         self.shuffle_blocks = max(1, min(shuffle_blocks, pool_bytes // max(1, block_bytes)))
+        self.pool_bytes, self._n_rows = pool_bytes, lay.n_rows
         stored = lay.n_rows * row_bytes
         self.in_ram = stored <= ram_budget
         self._ram: Rows | None = None
@@ -97,19 +98,51 @@ class StoreLoader:
                 scales[:, j] = self.reader.raw_scales(layer, a, b)
         return rows, scales
 
-    def _read_round(self, ids: list[int]) -> Iterator[tuple[int, Rows]]:
-        """The blocks of one round, each as ``(block id, its stored rows)``: blocks with
-        consecutive ids are read as one range, so a chunk two of them share is decoded once."""
+    def _read_round(self, ids: list[int], cache: _EdgeCache) -> Iterator[tuple[int, Rows]]:
+        """The blocks of one round, each as ``(block id, its stored rows)``.
+
+        Blocks with consecutive ids are read as one range. A range that starts or ends inside a
+        chunk is read out to the chunk's edges (the chunk is decoded whole anyway); the extra rows
+        belong to the neighbouring block and wait in ``cache`` until it is read, so each chunk is
+        decoded about once per epoch instead of about twice."""
         ids = sorted(ids)
         cut = [0, *(k for k in range(1, len(ids)) if ids[k] != ids[k - 1] + 1), len(ids)]
         for lo, hi in itertools.pairwise(cut):
             run = ids[lo:hi]
             base = int(self.offsets[self.blocks[run[0]][0]])
-            rows, scales = self._read_span(base, int(self.offsets[self.blocks[run[-1]][-1] + 1]))
+            stop = int(self.offsets[self.blocks[run[-1]][-1] + 1])
+            rows, scales = self._read_run(base, stop, run[0], run[-1], cache)
             for i in run:
                 a = int(self.offsets[self.blocks[i][0]]) - base
                 b = int(self.offsets[self.blocks[i][-1] + 1]) - base
                 yield i, (rows[a:b], None if scales is None else scales[a:b])
+
+    def _read_run(self, a: int, b: int, first: int, last: int, cache: _EdgeCache) -> Rows:
+        """Stored rows ``[a, b)`` of blocks ``first..last``, using and refilling the cache."""
+        cache.done.update(range(first, last + 1))
+        if self._ram is not None:
+            return self._read_span(a, b)
+        head, tail = cache.heads.pop(first, None), cache.tails.pop(last, None)
+        start = a + (0 if head is None else len(head[0]))
+        stop = b - (0 if tail is None else len(tail[0]))
+        chunk = self.reader.layout.chunk_rows
+        lo = start if head is not None or first - 1 in cache.done else start // chunk * chunk
+        hi = stop if tail is not None or last + 1 in cache.done else -(-stop // chunk) * chunk
+        hi = min(hi, self._n_rows)
+        rows, scales = self._read_span(lo, hi) if hi > lo else self._read_span(start, start)
+        if lo < start:  # the end of the previous block
+            cache.put(cache.tails, first - 1, rows, scales, 0, start - lo)
+        if hi > stop:  # the start of the next block
+            cache.put(cache.heads, last + 1, rows, scales, stop - lo, hi - lo)
+        parts = [
+            x for x in (head, _cut(rows, scales, start - lo, stop - lo), tail) if x is not None
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        rows = np.concatenate([x[0] for x in parts])
+        if parts[0][1] is None:
+            return rows, None
+        return rows, np.concatenate([x[1] for x in parts if x[1] is not None])
 
     # -- one epoch -------------------------------------------------------------------------------
     def epoch(self, epoch: int) -> Iterator[SideBatch]:
@@ -141,8 +174,9 @@ class StoreLoader:
     def _reader(self, rounds: list[list[int]], out: queue.Queue[Any], stop: threading.Event,
                 ) -> None:  # fmt: skip
         def work() -> None:
+            cache = _EdgeCache(self.pool_bytes)
             for ids in rounds:
-                for item in self._read_round(ids):
+                for item in self._read_round(ids, cache):
                     if not _put(out, item, stop):
                         return
             _put(out, _END, stop)
@@ -200,6 +234,31 @@ class StoreLoader:
             labels=torch.from_numpy(self.labels[samples]),
             samples=torch.from_numpy(samples),
         )
+
+
+def _cut(rows: np.ndarray, scales: np.ndarray | None, a: int, b: int) -> Rows:
+    return rows[a:b], None if scales is None else scales[a:b]
+
+
+class _EdgeCache:
+    """Rows of a block decoded while reading its neighbour (the part of a shared chunk), kept
+    until the block is read; at most ``limit`` bytes, the oldest dropped first."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.heads: dict[int, Rows] = {}  # block -> its first rows
+        self.tails: dict[int, Rows] = {}  # block -> its last rows
+        self.done: set[int] = set()  # blocks already read this epoch
+
+    def put(self, where: dict[int, Rows], block: int, rows: np.ndarray,
+            scales: np.ndarray | None, a: int, b: int) -> None:  # fmt: skip
+        x, c = _cut(rows, scales, a, b)
+        where[block] = (x.copy(), None if c is None else c.copy())  # not a view of the whole run
+        while self.heads or self.tails:
+            if sum(v[0].nbytes for d in (self.heads, self.tails) for v in d.values()) <= self.limit:
+                return
+            oldest = self.heads if self.heads else self.tails
+            oldest.pop(next(iter(oldest)))
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:
