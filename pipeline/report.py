@@ -83,7 +83,7 @@ def _png(fig: Any) -> bytes:
 
 
 def curves_chart(rows: list[Row], task: str) -> bytes:
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.6), constrained_layout=True)
     for r in (r for r in rows if r.metrics["task"] == task):
         epochs, name = [p["epoch"] for p in r.curve], r.metrics["sidenet"]
         ax_loss.plot(epochs, [p["train_loss"] for p in r.curve], marker="o", label=name)
@@ -98,7 +98,7 @@ def curves_chart(rows: list[Row], task: str) -> bytes:
 
 
 def cost_chart(rows: list[Row]) -> bytes:
-    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, len(COST_AXES), figsize=(13, 3.8), constrained_layout=True)
     tasks = sorted({r.metrics["task"] for r in rows})
     markers = "osD^vP*X"
     for ax, (key, label, log_scale) in zip(axes, COST_AXES, strict=True):

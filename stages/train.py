@@ -27,12 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--ram-budget-mb", type=int, default=4096, help="keep stores this small in RAM")
+    p.add_argument(
+        "--threads", type=int, default=0, help="PyTorch threads on CPU (0: half the cores)"
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     results = run_train(TrainConfig(
         train=args.train, eval=args.eval, specs=args.sidenet, epochs=args.epochs, out=args.out,
         batch_size=args.batch_size, seed=args.seed, device=args.device,
-        ram_budget_mb=args.ram_budget_mb, progress=not args.no_progress,
+        ram_budget_mb=args.ram_budget_mb, threads=args.threads, progress=not args.no_progress,
     ))  # fmt: skip
     table = {name: r["eval"]["best"] for name, r in results.items()}
     print(json.dumps(table, indent=2))
