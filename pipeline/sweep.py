@@ -183,17 +183,15 @@ def plan_units(cfg: SweepConfig) -> list[Unit]:
 
 def run_unit(unit: Unit) -> list[dict[str, Any]]:
     """Train one unit (on a worker): returns one result row per network."""
-    import torch
 
     from pipeline.train import TrainConfig, run_train
 
-    torch.set_num_threads(unit.threads)
     started = time.perf_counter()
     cpu = time.process_time()
     results = run_train(TrainConfig(
         train=unit.task.train, eval=unit.task.eval, specs=list(unit.specs), epochs=unit.epochs,
         out=unit.out, batch_size=unit.batch_size, seed=unit.seed, device=unit.device,
-        ram_budget_mb=unit.ram_budget_mb, progress=False,
+        ram_budget_mb=unit.ram_budget_mb, threads=unit.threads, progress=False,
     ))  # fmt: skip
     where = f"{socket.gethostname()}:{os.getpid()}"
     extra = {
