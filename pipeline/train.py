@@ -254,8 +254,9 @@ def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], device: 
     return result
 
 
-def end_epoch(m: Member, epoch: int, scores: dict[str, float], info: StoreInfo,
-              identity: dict[str, Any]) -> None:  # fmt: skip
+def record_epoch(m: Member, epoch: int, scores: dict[str, float]) -> bool:
+    """Append the epoch to the history; True when it is the best so far. Sets ``m.stopped``
+    once ``patience`` epochs in a row brought no improvement."""
     m.epochs_done = epoch + 1
     m.history.append(
         {"epoch": epoch + 1, "train_loss": m.loss_sum / max(1, m.loss_count), "eval": scores}
@@ -263,13 +264,19 @@ def end_epoch(m: Member, epoch: int, scores: dict[str, float], info: StoreInfo,
     m.loss_sum, m.loss_count = 0.0, 0
     if m.best is None or scores["score"] > m.best["score"]:
         m.best, m.best_epoch, m.bad_epochs = scores, epoch + 1, 0
+        return True
+    m.bad_epochs += 1
+    if m.spec.train.patience and m.bad_epochs >= m.spec.train.patience:
+        m.stopped = True
+        log.info("%s: no improvement for %d epochs, stopping", m.name, m.bad_epochs)
+    return False
+
+
+def end_epoch(m: Member, epoch: int, scores: dict[str, float], info: StoreInfo,
+              identity: dict[str, Any]) -> None:  # fmt: skip
+    if record_epoch(m, epoch, scores):
         m.folder.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint(m, info, identity, full=False), m.folder / "best.pt")
-    else:
-        m.bad_epochs += 1
-        if m.spec.train.patience and m.bad_epochs >= m.spec.train.patience:
-            m.stopped = True
-            log.info("%s: no improvement for %d epochs, stopping", m.name, m.bad_epochs)
 
 
 def cpu_threads(wanted: int) -> int:

@@ -59,6 +59,8 @@ def cmd_cache(params: Params, root: Path, task: str, split: str, progress: bool)
     try:
         run_cache(cfg)
     except StoreExistsError as exc:
+        if not (out / "zarr.json").is_file():
+            raise  # something other than a store is in the way: never delete it
         # DVC re-runs this stage because params.yaml changed: the old store is stale by design
         log.warning("%s; replacing it because params.yaml asks for other settings", exc)
         cfg.overwrite = True

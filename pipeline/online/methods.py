@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.online.finetune import FullConfig, LoraConfig, build_full, build_lora
 from pipeline.online.meft import MeftConfig, build_meft
 from pipeline.sidenets import REGISTRY as SIDENETS
-from pipeline.sidenets import SideSpec, TrainSettings, parse_spec
+from pipeline.sidenets import SideSpec, TrainSettings, cast_value, parse_spec
 
 
 @dataclass(frozen=True)
@@ -40,17 +40,6 @@ SIDE_KINDS = ("read", "lst")
 
 def is_side(spec: SideSpec) -> bool:
     return spec.kind in SIDE_KINDS
-
-
-def _cast(value: str, like: Any, key: str, text: str) -> Any:
-    try:
-        if isinstance(like, bool):
-            return value.lower() in ("1", "true", "yes")
-        return type(like)(value)
-    except ValueError:
-        raise ConfigError(
-            f"method {text!r}: {key}={value!r} is not a {type(like).__name__}"
-        ) from None
 
 
 def parse_method(text: str) -> SideSpec:
@@ -73,9 +62,9 @@ def parse_method(text: str) -> SideSpec:
         if not eq:
             raise ConfigError(f"method {text!r}: expected key=value, found {item!r}")
         if key in defaults:
-            model[key] = _cast(value, defaults[key], key, text)
+            model[key] = cast_value(value, defaults[key], key, text, "method")
         elif hasattr(train, key):
-            setattr(train, key, _cast(value, getattr(train, key), key, text))
+            setattr(train, key, cast_value(value, getattr(train, key), key, text, "method"))
         else:
             raise ConfigError(
                 f"method {text!r}: unknown key {key!r}; {kind} takes "

@@ -31,7 +31,15 @@ from pipeline.online.methods import build_online, is_side, parse_method
 from pipeline.online.side import online_info, side_batch
 from pipeline.sidenets import SideSpec, StoreInfo
 from pipeline.tokens import Tokenized, tokenize
-from pipeline.train import Member, TrainConfig, make_member, peak_memory, schedule, train_step
+from pipeline.train import (
+    Member,
+    TrainConfig,
+    make_member,
+    peak_memory,
+    record_epoch,
+    schedule,
+    train_step,
+)
 from storage import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -159,25 +167,11 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         ):
             train_step(m, feed(token_batch(train.tok, train.labels, samples, device)), info)
         scores = evaluate(m, feed, dev, task, device)
-        if end_epoch(m, epoch, scores):
+        record_epoch(m, epoch, scores)
+        if m.stopped:
             break
         log.info("%s epoch %d: score %.4f", m.name, epoch + 1, scores["score"])
     return write_metrics(m, device, time.perf_counter() - started)
-
-
-def end_epoch(m: Member, epoch: int, scores: dict[str, float]) -> bool:
-    """Record the epoch; True when early stopping ends the run."""
-    m.epochs_done = epoch + 1
-    m.history.append(
-        {"epoch": epoch + 1, "train_loss": m.loss_sum / max(1, m.loss_count), "eval": scores}
-    )
-    m.loss_sum, m.loss_count = 0.0, 0
-    if m.best is None or scores["score"] > m.best["score"]:
-        m.best, m.best_epoch, m.bad_epochs = scores, epoch + 1, 0
-        return False
-    m.bad_epochs += 1
-    m.stopped = bool(m.spec.train.patience and m.bad_epochs >= m.spec.train.patience)
-    return m.stopped
 
 
 def write_metrics(m: Member, device: torch.device, seconds: float) -> dict[str, Any]:

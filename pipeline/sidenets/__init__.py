@@ -57,7 +57,8 @@ class SideSpec:
         return REGISTRY[self.kind].config(**self.model)
 
 
-def _cast(value: str, like: Any, key: str, spec: str) -> Any:
+def cast_value(value: str, like: Any, key: str, spec: str, flag: str = "--sidenet") -> Any:
+    """``value`` as the type of the default ``like``; a named error for ``flag``'s ``spec``."""
     try:
         if isinstance(like, bool):
             if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
@@ -66,7 +67,7 @@ def _cast(value: str, like: Any, key: str, spec: str) -> Any:
         return type(like)(value)
     except ValueError:
         raise ConfigError(
-            f"--sidenet {spec!r}: {key}={value!r} is not a {type(like).__name__}"
+            f"{flag} {spec!r}: {key}={value!r} is not a {type(like).__name__}"
         ) from None
 
 
@@ -87,9 +88,9 @@ def parse_spec(text: str) -> SideSpec:
         if not eq:
             raise ConfigError(f"--sidenet {text!r}: expected key=value, found {item!r}")
         if key in model_defaults:
-            model[key] = _cast(value, model_defaults[key], key, text)
+            model[key] = cast_value(value, model_defaults[key], key, text)
         elif hasattr(train, key):
-            setattr(train, key, _cast(value, getattr(train, key), key, text))
+            setattr(train, key, cast_value(value, getattr(train, key), key, text))
         else:
             keys = sorted([*model_defaults, *vars(train)])
             raise ConfigError(f"--sidenet {text!r}: unknown key {key!r}; {kind} takes {keys}")

@@ -31,6 +31,15 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "pipeline.cli", "cache", *args]
 
 
+def shards_done(out: Path) -> int:
+    """Shards recorded in ``progress`` so far (0 while the store is still being created)."""
+    try:
+        progress = open_store(out, allow_incomplete=True).group["progress"][...]
+    except Exception:  # not created yet, or caught mid-write: look again
+        return 0
+    return int(np.isfinite(np.asarray(progress)).all(axis=(1, 2)).sum())
+
+
 def test_sigkill_mid_run_then_resume_gives_the_same_store(model_dir, tmp_path):
     csv_path = tmp_path / "train.csv"
     rows = sentences(3000, seed=5)
@@ -41,12 +50,11 @@ def test_sigkill_mid_run_then_resume_gives_the_same_store(model_dir, tmp_path):
     args = ["--backbone", model, "--data", data, "--out", str(out), "--device", "cpu", *FLAGS]
     env = dict(os.environ, SIDECACHE_LOG="WARNING")
     proc = subprocess.Popen(cli(*args, "--no-progress"), env=env, cwd=Path(__file__).parents[2])
-    progress = out / "progress" / "c"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if progress.exists() and any(progress.iterdir()):
+        if shards_done(out) > 0:  # kill after the first shard is recorded, long before the last
             break
-        time.sleep(0.005)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "stage one finished before it could be killed"
     partial = open_store(out, allow_incomplete=True)
