@@ -74,7 +74,7 @@ import zarr
 import pipeline.cache as cache_mod
 import pipeline.extract as extract_mod
 from pipeline.backbone import Backbone, hidden_states, load_backbone, parse_layers
-from pipeline.cache import CacheConfig, plan_settings, run_cache
+from pipeline.cache import CacheConfig, build_layout, plan_settings, run_cache
 from pipeline.data import TextData, head, load_data
 from pipeline.extract import make_batch
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
@@ -135,7 +135,8 @@ def prepare(cfg: CacheConfig) -> Prepared:
     max_length = min(cfg.max_length or bb.max_length, bb.max_length)
     tok = tokenize(bb.tokenizer, data, max_length, bb.takes_token_type_ids)
     tokenized = time.perf_counter()
-    settings = plan_settings(cfg, bb, len(layers))
+    layout = build_layout(cfg, tok, bb, layers, data.labels)
+    settings = plan_settings(cfg, bb, len(layers), layout.shard_rows)  # shard-aligned windows
     batches = plan_batches(tok.lengths, tok.lengths, settings)  # one row per token
     return Prepared(data, bb, tok, layers, settings, batches, loaded - started, tokenized - loaded)
 
