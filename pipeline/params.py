@@ -95,7 +95,7 @@ class Params:
         raise ParamsError(
             f"{self.path}: task {task!r} is neither a key of `datasets`{where}; known tasks: "
             f"{', '.join(known) or 'none'}. Add it under `datasets:` (e.g. `{task}: {{data: "
-            "'glue:PATH'}}`) or fix `tasks:`"
+            "'glue:PATH'}`) or fix `tasks:`"
         )
 
 
