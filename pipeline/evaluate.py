@@ -9,7 +9,6 @@ agree with what training recorded, and writes one flat metrics file (one row of
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,10 @@ import numpy as np
 import torch
 
 from pipeline import metrics
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.loader import StoreLoader
 from pipeline.sidenets import StoreInfo, build, parse_spec
+from pipeline.train import same_source
 from storage import open_store
 
 log = logging.getLogger(__name__)
@@ -45,23 +45,22 @@ def store_outputs(model: torch.nn.Module, loader: StoreLoader, device: torch.dev
 
 def evaluate_run(run: str | Path, eval_store: str, *, device: str = "cpu",
                  ram_budget_mb: int = 4096) -> dict[str, Any]:  # fmt: skip
-    """Metrics of ``run``'s best checkpoint on ``eval_store``."""
+    """Metrics of ``run``'s best checkpoint on ``eval_store``, which must come from the same
+    backbone, tokenizer, layers, positions, dtype and task as the training store."""
     from pipeline.backbone import pick_device
 
     path = Path(run) / "best.pt"
     if not path.is_file():
         raise ConfigError(f"no checkpoint at {path}: train the side network first (dvc repro)")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    reader = open_store(eval_store)
-    info = StoreInfo.from_meta(reader.meta, reader.path)
     trained_on = state["store_info"]
-    for key in ("hidden_size", "layers", "positions", "dtype"):
-        if trained_on[key] != info.to_json()[key]:
-            raise ConfigError(
-                f"{run} was trained on a store with {key}={trained_on[key]!r} but {eval_store} "
-                f"has {key}={info.to_json()[key]!r}; evaluate on a store cached like the "
-                "training store"
-            )
+    # the training store's metadata, as far as the checkpoint records it
+    meta = {"identity": state["store_identity"], "layout": trained_on, "task": trained_on["task"]}
+    try:
+        reader = open_store(eval_store, expect=same_source(meta))
+    except StoreMismatchError as exc:
+        raise StoreMismatchError(f"{run} was trained on another kind of store: {exc}") from exc
+    info = StoreInfo.from_meta(reader.meta, reader.path)
     dev = pick_device(device)
     model = build(parse_spec(state["spec"]), info)
     model.load_state_dict(state["state_dict"])
@@ -76,9 +75,10 @@ def evaluate_run(run: str | Path, eval_store: str, *, device: str = "cpu",
     return metrics.compute(info.task, outputs, gold)
 
 
-def flat_row(task: str, name: str, run: Path, scores: dict[str, float]) -> dict[str, Any]:
-    """One row of ``dvc metrics show``: the eval metrics and what the network cost to train."""
-    recorded = json.loads((run / "metrics.json").read_text())
+def flat_row(task: str, name: str, recorded: dict[str, Any], scores: dict[str, float],
+             ) -> dict[str, Any]:  # fmt: skip
+    """One row of ``dvc metrics show``: the eval metrics and what the network cost to train
+    (``recorded`` is the run's ``metrics.json``)."""
     mem = recorded.get("memory", {})
     peak = mem.get("peak_rss_bytes", mem.get("peak_bytes"))
     return {
@@ -95,8 +95,9 @@ def flat_row(task: str, name: str, run: Path, scores: dict[str, float]) -> dict[
     }
 
 
-def check_recorded(run: Path, scores: dict[str, float], tol: float = 1e-6) -> None:
-    recorded = json.loads((run / "metrics.json").read_text())["eval"]["best"]
+def check_recorded(run: Path, metrics_json: dict[str, Any], scores: dict[str, float],
+                   tol: float = 1e-6) -> None:  # fmt: skip
+    recorded = metrics_json["eval"]["best"]
     if recorded is None:
         raise ConfigError(f"{run}/metrics.json records no evaluation; the training did not finish")
     off = {k: (recorded[k], v) for k, v in scores.items() if abs(recorded.get(k, v) - v) > tol}

@@ -95,16 +95,22 @@ def member_names(specs: list[SideSpec]) -> list[str]:
     return names
 
 
-def open_pair(train: str, eval_: str) -> tuple[StoreReader, StoreReader]:
-    tr = open_store(train)
+def same_source(meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``SAME_SOURCE`` values of a store's metadata: what another store must share with it
+    (as ``open_store(..., expect=...)`` takes them)."""
     want = {}
     for key in SAME_SOURCE:
-        node: Any = tr.meta
+        node: Any = meta
         for part in key.split("."):
             node = node[part]
         want[key] = node
+    return want
+
+
+def open_pair(train: str, eval_: str) -> tuple[StoreReader, StoreReader]:
+    tr = open_store(train)
     try:
-        ev = open_store(eval_, expect=want)
+        ev = open_store(eval_, expect=same_source(tr.meta))
     except StoreMismatchError as exc:
         raise StoreMismatchError(f"train and eval stores do not match: {exc}") from exc
     return tr, ev

@@ -107,8 +107,9 @@ def cmd_evaluate(params: Params, root: Path, task: str, name: str) -> int:
         device=params.train.device,
         ram_budget_mb=params.train.ram_budget_mb,
     )
-    check_recorded(run, scores)
-    row = flat_row(task, name, run, scores)
+    recorded = json.loads((run / "metrics.json").read_text())
+    check_recorded(run, recorded, scores)
+    row = flat_row(task, name, recorded, scores)
     results = root / "results"
     _atomic_write(results / "metrics" / task / f"{name}.json", json.dumps(row, indent=1) + "\n")
     write_curve(run, results / "curves" / task / f"{name}.csv")
