@@ -19,6 +19,7 @@ from storage.errors import (
 )
 from storage.location import locate
 from storage.schema import Layout, check_metadata, lookup
+from storage.shardfile import ShardFile, ShardFileError
 
 
 def open_store(
@@ -62,6 +63,7 @@ class StoreReader:
         self.group = group
         self.meta = meta
         self.layout = Layout.from_json(meta["layout"])
+        self._files: dict[str, ShardFile | None] = {}
 
     # -- checks ----------------------------------------------------------------------------
     def check(self, expect: dict[str, Any], layers: list[int] | None = None) -> None:
@@ -118,9 +120,11 @@ class StoreReader:
         return np.asarray(self._read("token_type_ids", slice(a, b)))
 
     # -- rows ------------------------------------------------------------------------------
-    def raw_rows(self, layer: int, start: int, stop: int) -> np.ndarray:
-        """Stored (undecoded) rows ``[start, stop)`` of one layer."""
-        return np.asarray(self._read(f"hidden/{layer}", slice(start, stop)))
+    def raw_rows(
+        self, layer: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Stored (undecoded) rows ``[start, stop)`` of one layer (into ``out`` when given)."""
+        return self._read_rows(f"hidden/{layer}", start, stop, out)
 
     def rows(self, layer: int, start: int, stop: int) -> np.ndarray:
         """Decoded float32 rows ``[start, stop)`` of one layer: ``(stop - start, d)``."""
@@ -139,9 +143,50 @@ class StoreReader:
         """A whole small array stored beside the hidden states (``lst_init/r8/...``)."""
         return np.asarray(self._read(name, ...))
 
-    def raw_scales(self, layer: int, start: int, stop: int) -> np.ndarray:
-        """Stored int8 scales of rows ``[start, stop)``."""
-        return np.asarray(self._read(f"scales/{layer}", slice(start, stop)))
+    def raw_scales(
+        self, layer: int, start: int, stop: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Stored int8 scales of rows ``[start, stop)`` (into ``out`` when given)."""
+        return self._read_rows(f"scales/{layer}", start, stop, out)
+
+    def _read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None) -> np.ndarray:
+        """Rows of a per-layer array: straight from the shard files of a complete local store
+        (:mod:`storage.shardfile`), else through zarr."""
+        file = self._shard_file(name)
+        if file is None:
+            rows = np.asarray(self._read(name, slice(start, stop)))
+            if out is None:
+                return rows
+            out[...] = rows
+            return out
+        if out is None:
+            out = np.empty((stop - start, *file.row_shape), file.dtype)
+        try:
+            file.read(start, stop, out)
+        except ShardFileError as exc:
+            chunk = start // file.chunk_rows if exc.chunk is None else exc.chunk
+            a, b = chunk * file.chunk_rows, min((chunk + 1) * file.chunk_rows, file.n_rows)
+            key = file.key(chunk * file.chunk_rows // file.shard_rows)
+            raise StoreCorruptError(
+                f"{self.path}: array {name!r} has 1 damaged chunk(s): chunk "
+                f"{(chunk, *(0,) * len(file.row_shape))} [rows {a}:{b}] in file {name}/{key} "
+                f"({exc}); expected every chunk to decode and match its crc32c: re-create the "
+                "store with 'sidecache cache ... --overwrite' (run 'sidecache verify' to list "
+                "every damaged chunk)"
+            ) from exc
+        return out
+
+    def _shard_file(self, name: str) -> ShardFile | None:
+        if name not in self._files:
+            local = locate(self.path).local
+            file = None
+            if self.complete and local is not None:  # an incomplete store reads as zarr does
+                try:
+                    file = ShardFile.of(self.group[name], local / name)
+                except KeyError as exc:
+                    raise StoreCorruptError(f"{self.path}: array {name!r} is missing") from exc
+            self._files[name] = file
+        return self._files[name]
 
     def all_tokens(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Every stored token id (and segment id, when stored), packed."""

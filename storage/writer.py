@@ -23,6 +23,7 @@ from storage.codecs import STORED_DTYPES, compressors_for
 from storage.errors import StoreExistsError, StoreIncompleteError, StoreSchemaError
 from storage.location import Location, locate
 from storage.schema import STAT_FIELDS, Layout, check_metadata, make_metadata
+from storage.shardfile import ShardFile
 from storage.stats import merge_shard_stats, shard_stats
 
 log = logging.getLogger(__name__)
@@ -222,10 +223,20 @@ class StoreWriter:
             else None
         )
         self._progress = array(self.group, "progress")
+        local = locate(path).local
+        # whole shards of the big arrays go straight to their files (see storage.shardfile);
+        # zarr's own path for remote stores and any layout shardfile does not write
+        self._files: list[ShardFile | None] = [
+            None if local is None else ShardFile.of(a, local / a.path)
+            for a in [*self._arrays, *(self._scales or [])]
+        ]
+        self._spare: list[_Shard] = []  # written shards' buffers, reused: no fresh page faults
+        self._spare_lock = threading.Lock()
         self.done = self._read_done()
         self.owned = np.ones(layout.n_shards, dtype=bool)  # shards this process writes
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sidecache-write")
-        self._slots = threading.BoundedSemaphore(max_pending + threads)
+        self._slots_total = max_pending + threads
+        self._slots = threading.BoundedSemaphore(self._slots_total)
         self._futures: list[Future[None]] = []
         self._open: dict[int, _Shard] = {}
         self._seen = np.zeros(layout.n_samples, dtype=bool)
@@ -284,7 +295,7 @@ class StoreWriter:
         start, stop = self.layout.shard_range(shard)
         buf = self._open.get(shard)
         if buf is None:
-            buf = self._open[shard] = _Shard(stop - start, self.layout)
+            buf = self._open[shard] = self._new_shard(stop - start)
         pos = dest - start
 
         def take(x: np.ndarray) -> np.ndarray:
@@ -301,14 +312,28 @@ class StoreWriter:
             self._slots.acquire()
             self._futures.append(self._pool.submit(self._write_shard, shard, buf))
 
+    def _new_shard(self, rows: int) -> _Shard:
+        with self._spare_lock:
+            for k, spare in enumerate(self._spare):
+                if spare.rows == rows:
+                    buf = self._spare.pop(k)
+                    buf.filled = 0
+                    return buf
+        return _Shard(rows, self.layout)
+
     def _write_shard(self, shard: int, buf: _Shard) -> None:
         try:
             start, stop = self.layout.shard_range(shard)
-            for j, arr in enumerate(self._arrays):
-                arr[start:stop] = buf.layers[j]
-                if self._scales is not None and buf.scales is not None:
-                    self._scales[j][start:stop] = buf.scales[j]
+            arrays = [*self._arrays, *(self._scales or [])]
+            parts = [*buf.layers, *(buf.scales or [])]
+            for arr, file, rows in zip(arrays, self._files, parts, strict=True):
+                if file is not None:
+                    file.write(shard, rows)
+                else:
+                    arr[start:stop] = rows
             self._progress[shard] = shard_stats(buf.stats)
+            with self._spare_lock:
+                self._spare = [buf, *self._spare][: self._slots_total]
         finally:
             self._slots.release()
 
@@ -370,6 +395,10 @@ def finalize_store(path: str | Location) -> dict[str, Any]:
         )
     if meta.get("complete"):
         return meta
+    local = locate(path).local
+    if local is not None:  # temporary shard files of a killed writer (storage.shardfile)
+        for stale in local.glob("*/*/c/**/.*.tmp"):
+            stale.unlink(missing_ok=True)
     meta.update(stats=merge_shard_stats(progress, layout), complete=True)
     group.attrs["sidecache"] = meta
     return meta

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import zarr.storage._local as zarr_local
 
+import storage.shardfile
 from pipeline.cli import main
 from tests.conftest import small_cache
 from tests.pipeline.test_cache import assert_same_store
@@ -52,20 +53,28 @@ def reference(model_dir, glue_dir, tmp_path_factory) -> tuple[str, str, Path]:
 
 @contextlib.contextmanager
 def quota(monkeypatch: pytest.MonkeyPatch, under: Path, limit: int, code: int) -> Iterator[None]:
-    """Writes below ``under`` raise ``OSError(code)`` once ``limit`` bytes were written there."""
-    real = zarr_local._put
+    """Writes below ``under`` raise ``OSError(code)`` once ``limit`` bytes were written there:
+    zarr's local writes and stage one's own shard files (``storage.shardfile.put_file``)."""
+    real_zarr, real_shard = zarr_local._put, storage.shardfile.put_file
     written = {"bytes": 0}
 
-    def put(path: Path, value: Any, exclusive: bool = False) -> int:
+    def count(path: Path, size: int) -> None:
         if Path(path).is_relative_to(under):
-            size = len(value.as_buffer_like())
             if written["bytes"] + size > limit:
                 raise OSError(code, os.strerror(code), str(path))
             written["bytes"] += size
-        return real(path, value, exclusive)
+
+    def put(path: Path, value: Any, exclusive: bool = False) -> int:
+        count(path, len(value.as_buffer_like()))
+        return real_zarr(path, value, exclusive)
+
+    def put_file(path: Path, data: bytes) -> None:
+        count(path, len(data))
+        real_shard(path, data)
 
     with monkeypatch.context() as m:
         m.setattr(zarr_local, "_put", put)
+        m.setattr(storage.shardfile, "put_file", put_file)
         yield
 
 
@@ -77,7 +86,7 @@ def test_injected_disk_full_stops_cleanly_and_resumes(reference, tmp_path, monke
     assert "DiskFullError" in caplog.text and "No space left on device" in caplog.text
     assert " was still to be written" in caplog.text and "re-run the same command" in caplog.text
     assert not marked_complete(out)
-    assert not list(out.rglob("*.partial"))
+    assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
     caplog.clear()
     assert main(cache_argv(model, data, out)) == 0
     assert_same_store(ref, out)

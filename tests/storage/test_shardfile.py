@@ -1,0 +1,131 @@
+"""storage.shardfile writes the very bytes zarr writes, and reads what zarr reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import ShardingCodecIndexLocation
+
+from storage.codecs import compressors_for, parse_codec
+from storage.shardfile import ShardFile, ShardFileError
+
+# (zarr dtype, codec, row shape): every stored dtype and codec stage one can write
+CASES = [
+    ("uint16", "blosc-zstd:3", (24,)),
+    ("uint16", "blosc-lz4:5", (24,)),
+    ("int8", "blosc-lz4:5", (24,)),
+    ("float16", "zstd:3", (24,)),
+    ("float32", "none", (24,)),
+    ("float32", "blosc-lz4:5", ()),  # int8 scales: one float per row
+]
+N_ROWS, CHUNK, SHARD = 70, 8, 32  # a partial last chunk and shard, chunks past the array's end
+
+
+def make(group: zarr.Group, name: str, dtype: str, codec: str, row: tuple[int, ...]) -> zarr.Array:
+    return group.create_array(
+        name,
+        shape=(N_ROWS, *row),
+        dtype=dtype,
+        chunks=(CHUNK, *row),
+        shards=(SHARD, *row),
+        compressors=compressors_for(parse_codec(codec), dtype),
+        fill_value=0,
+        config={"write_empty_chunks": True},
+    )
+
+
+def values(dtype: str, row: tuple[int, ...], seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N_ROWS, *row)).astype(np.float32)
+    if dtype == "uint16":
+        return (x.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16 bits
+    if dtype == "int8":
+        return np.clip(np.round(x * 40), -127, 127).astype(np.int8)
+    return x.astype(dtype)
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("c/*/*")} | {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.glob("c/*") if p.is_file()
+    }
+
+
+@pytest.mark.parametrize(("dtype", "codec", "row"), CASES)
+def test_shard_files_are_byte_identical_to_zarr(tmp_path: Path, dtype, codec, row) -> None:
+    group = zarr.open_group(tmp_path, mode="w", zarr_format=3)
+    data = values(dtype, row)
+    by_zarr, mine = make(group, "zarr", dtype, codec, row), make(group, "mine", dtype, codec, row)
+    by_zarr[...] = data
+    file = ShardFile.of(mine, tmp_path / "mine")
+    assert file is not None
+    for shard in range(-(-N_ROWS // SHARD)):
+        file.write(shard, data[shard * SHARD : (shard + 1) * SHARD])
+    expected, written = files(tmp_path / "zarr"), files(tmp_path / "mine")
+    assert len(expected) == 3 and expected == written  # the last shard is a partial one
+    assert np.array_equal(mine[...], data)  # and zarr reads them
+    assert not list((tmp_path / "mine").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize(("dtype", "codec", "row"), CASES)
+def test_reads_equal_zarr_reads(tmp_path: Path, dtype, codec, row) -> None:
+    arr = make(zarr.open_group(tmp_path, mode="w", zarr_format=3), "x", dtype, codec, row)
+    data = values(dtype, row, seed=1)
+    arr[...] = data
+    file = ShardFile.of(arr, tmp_path / "x")
+    assert file is not None
+    rng = np.random.default_rng(2)
+    spans = [(0, N_ROWS), (0, 1), (N_ROWS - 1, N_ROWS), (CHUNK - 1, SHARD + 1)]
+    spans += [tuple(sorted(rng.choice(N_ROWS + 1, 2, replace=False))) for _ in range(20)]
+    for a, b in spans:
+        out = np.empty((b - a, *row), dtype)
+        file.read(a, b, out)
+        assert np.array_equal(out, data[a:b]), (a, b)
+    strided = np.zeros((N_ROWS, 2, *row), dtype)  # e.g. the loader's (rows, layers, d) buffer
+    file.read(0, N_ROWS, strided[:, 1])
+    assert np.array_equal(strided[:, 1], data) and not strided[:, 0].any()
+
+
+def test_only_layouts_it_writes_are_taken(tmp_path: Path) -> None:
+    group = zarr.open_group(tmp_path, mode="w", zarr_format=3)
+    plain = group.create_array("plain", shape=(10, 4), dtype="uint16", chunks=(5, 4))
+    assert ShardFile.of(plain, tmp_path / "plain") is None  # not sharded
+    split = group.create_array("split", shape=(16, 4), dtype="uint16", chunks=(8, 2),
+                               shards=(16, 4))  # fmt: skip
+    assert ShardFile.of(split, tmp_path / "split") is None  # chunked along the second axis
+    front = zarr.create_array(
+        store=str(tmp_path / "front"),
+        shape=(16, 4),
+        dtype="uint16",
+        chunks=(8, 4),
+        shards={"shape": (16, 4), "index_location": ShardingCodecIndexLocation.start},
+    )
+    assert ShardFile.of(front, tmp_path / "front") is None  # index at the start
+
+
+def test_damage_is_named(tmp_path: Path) -> None:
+    arr = make(zarr.open_group(tmp_path, mode="w", zarr_format=3), "x", "uint16", "blosc-lz4:5",
+               (24,))  # fmt: skip
+    arr[...] = values("uint16", (24,))
+    file = ShardFile.of(arr, tmp_path / "x")
+    assert file is not None
+    out = np.empty((N_ROWS, 24), np.uint16)
+    path = file.path(1)
+    good = path.read_bytes()
+    index = np.frombuffer(good[-(16 * 4 + 4) : -4], "<u8").reshape(4, 2)
+    blob = bytearray(good)
+    blob[int(index[2, 0]) + 3] ^= 0x40  # a byte inside the third chunk of shard 1
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ShardFileError, match="fails its crc32c") as caught:
+        file.read(0, N_ROWS, out)
+    assert caught.value.chunk == 4 + 2
+    file.read(0, SHARD + 2 * CHUNK, out[: SHARD + 2 * CHUNK])  # the damage is not in these
+    for broken, words in ((good[:-1], "index"), (b"", "too short"), (good + b"x", "index")):
+        path.write_bytes(broken)
+        with pytest.raises(ShardFileError, match=words):
+            file.read(SHARD, SHARD + 1, out[:1])
+    path.unlink()
+    with pytest.raises(ShardFileError, match="missing"):
+        file.read(SHARD, SHARD + 1, out[:1])
