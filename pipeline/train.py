@@ -11,6 +11,7 @@ optimiser state, for resuming), ``metrics.json``, ``history.csv``.
 from __future__ import annotations
 
 import csv
+import ctypes
 import dataclasses
 import json
 import logging
@@ -58,6 +59,8 @@ class TrainConfig:
     ram_budget_mb: int = 4096
     progress: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 = half the usable cores (at least 1)
+    pool_mb: int = 256  # the loader's shuffle pool (stored rows); changes the shuffle if lowered
+    low_memory: bool = False  # one prefetched batch, and glibc returns freed buffers at once
 
 
 @dataclass
@@ -67,8 +70,8 @@ class Member:
     name: str
     spec: SideSpec
     model: torch.nn.Module
-    optim: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
+    optim: torch.optim.Optimizer | AdamW  # online baselines use torch's own
+    sched: torch.optim.lr_scheduler.LambdaLR | WarmupDecay
     rng: torch.Tensor
     folder: Path
     eval_batch: int
@@ -116,6 +119,88 @@ def open_pair(train: str, eval_: str) -> tuple[StoreReader, StoreReader]:
     return tr, ev
 
 
+class AdamW:
+    """``torch.optim.AdamW`` with its defaults (betas 0.9/0.999, eps 1e-8, no amsgrad), step for
+    step the same arithmetic as the single-tensor path torch runs for CPU tensors, so results are
+    bit-identical to it (``tests/pipeline/test_train.py``). Stage two uses this instead of
+    ``torch.optim`` because any ``torch.optim.Optimizer`` imports ``torch._dynamo`` (and with it
+    sympy) on first use: +71 MB resident, a third of a stage-two process's memory above an idle
+    interpreter with torch. State per parameter: its step count and the two moments."""
+
+    def __init__(self, params: Any, lr: float, weight_decay: float = 0.01,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):  # fmt: skip
+        self.params: list[torch.Tensor] = list(params)
+        self.base_lr, self.lr, self.weight_decay = lr, lr, weight_decay
+        self.betas, self.eps = betas, eps
+        self.steps: list[float] = [0.0] * len(self.params)
+        self.moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        lr, wd, (beta1, beta2), eps = self.lr, self.weight_decay, self.betas, self.eps
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            moments = self.moments[i]
+            if moments is None:
+                moments = (
+                    torch.zeros_like(p, memory_format=torch.preserve_format),
+                    torch.zeros_like(p, memory_format=torch.preserve_format),
+                )
+                self.moments[i] = moments
+            exp_avg, exp_avg_sq = moments
+            grad = p.grad
+            self.steps[i] += 1.0
+            step = self.steps[i]
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step_size = lr / (1 - beta1**step)
+            denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+            p.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr": self.lr, "steps": list(self.steps), "moments": list(self.moments)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "moments" not in state or len(state["moments"]) != len(self.params):
+            raise ConfigError(
+                "last.pt holds optimiser state of another format (torch.optim, from an older "
+                "sidecache) or of another network; delete it to train from the start"
+            )
+        self.lr, self.steps = state["lr"], list(state["steps"])
+        self.moments = list(state["moments"])
+
+
+class WarmupDecay:
+    """``torch.optim.lr_scheduler.LambdaLR(optim, schedule(total, warmup))`` for :class:`AdamW`:
+    the learning rate is ``base_lr * factor(n)`` after ``n`` calls of :meth:`step`."""
+
+    def __init__(self, optim: AdamW, factor: Any):
+        self.optim, self.factor, self.last_epoch = optim, factor, 0
+        optim.lr = optim.base_lr * factor(0)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self.optim.lr = self.optim.base_lr * self.factor(self.last_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.optim.lr = self.optim.base_lr * self.factor(self.last_epoch)
+
+
 def schedule(total: int, warmup: float) -> Any:
     ramp = max(1, round(total * warmup))
 
@@ -134,10 +219,8 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
         torch.manual_seed(seed)
         model = build(spec, info).to(device)
         rng = torch.get_rng_state()
-    optim = torch.optim.AdamW(
-        model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule(total, spec.train.warmup))
+    optim = AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+    sched = WarmupDecay(optim, schedule(total, spec.train.warmup))
     return Member(name, spec, model, optim, sched, rng, Path(cfg.out) / name, eval_batch_size(cfg))
 
 
@@ -285,6 +368,25 @@ def end_epoch(m: Member, epoch: int, scores: dict[str, float], info: StoreInfo,
         torch.save(checkpoint(m, info, identity, full=False), m.folder / "best.pt")
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def lean_malloc(threshold: int = 128 << 10) -> bool:
+    """Serve every allocation above ``threshold`` bytes with its own mmap, returned to the OS when
+    freed (glibc only; process-wide and permanent; False where it does not apply).
+
+    By default glibc raises this threshold (up to 32 MB) each time such a block is freed, so later
+    batch-sized buffers (decoded batches, activations, gradients) come from the heap and their
+    pages stay resident after they are freed. Fixing it at glibc's initial 128 KiB measured 38 MB
+    less peak RSS for one epoch of READ on CoLA (BENCHMARKS.md), at the cost of page faults for
+    every large buffer."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def cpu_threads(wanted: int) -> int:
     """Intra-op threads for training on CPU. Side networks run many small matrix products, and
     the loader decompresses and decodes on its own threads; on a loaded machine, more OpenMP
@@ -321,11 +423,15 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     device = pick_device(cfg.device)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(cfg.threads))
-    budget = cfg.ram_budget_mb << 20
-    loader = StoreLoader(
-        train_reader, cfg.batch_size, shuffle=True, seed=cfg.seed, ram_budget=budget
-    )
-    eval_loader = StoreLoader(eval_reader, eval_batch_size(cfg), shuffle=False, ram_budget=budget)
+    if cfg.low_memory and not lean_malloc():
+        log.warning("--low-memory: cannot set the allocator's mmap threshold (not glibc)")
+    memory = {
+        "ram_budget": cfg.ram_budget_mb << 20,
+        "pool_bytes": cfg.pool_mb << 20,
+        "prefetch": 1 if cfg.low_memory else 4,
+    }
+    loader = StoreLoader(train_reader, cfg.batch_size, shuffle=True, seed=cfg.seed, **memory)
+    eval_loader = StoreLoader(eval_reader, eval_batch_size(cfg), shuffle=False, **memory)
     total = cfg.epochs * len(loader)
     members = [
         make_member(n, s, info, total, cfg, device) for n, s in zip(names, specs, strict=True)

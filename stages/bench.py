@@ -38,7 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", help="store dtype (online READ/LST round to it)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--ram-budget-mb", type=int, default=4096)
+    p.add_argument(
+        "--ram-budget-mb",
+        type=int,
+        default=4096,
+        help="cached runs hold stores up to this size in RAM (0: stream them)",
+    )
+    p.add_argument("--pool-mb", type=int, default=256, help="cached runs: loader shuffle pool")
+    p.add_argument(
+        "--low-memory", action="store_true", help="cached runs: sidecache train --low-memory"
+    )
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker)
@@ -50,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, limit=args.limit,
         eval_limit=args.eval_limit, eval_split=args.eval_split, max_length=args.max_length,
         dtype=args.dtype, device=args.device, ram_budget_mb=args.ram_budget_mb,
+        pool_mb=args.pool_mb, low_memory=args.low_memory,
     ))  # fmt: skip
     print(to_markdown(report))
     return 0

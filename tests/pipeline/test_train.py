@@ -17,7 +17,15 @@ from pipeline.extract import forward_rows, make_batch
 from pipeline.loader import StoreLoader
 from pipeline.sidenets import SideBatch, StoreInfo, loss_fn, parse_spec
 from pipeline.tokens import tokenize
-from pipeline.train import TrainConfig, make_member, run_train, train_step
+from pipeline.train import (
+    AdamW,
+    TrainConfig,
+    WarmupDecay,
+    make_member,
+    run_train,
+    schedule,
+    train_step,
+)
 from storage import open_store
 from tests.conftest import small_cache
 
@@ -99,6 +107,17 @@ def test_many_per_pass_outputs_and_independence(stores, tmp_path):
     assert alone["lst"]["eval"] == many["lst"]["eval"]  # others in the pass change nothing
 
 
+def test_low_memory_and_streaming_train_identically(stores, tmp_path):
+    """--low-memory (one prefetched batch, glibc mmap threshold fixed) and a streamed store give
+    the same results as the in-RAM default."""
+    base = dict(train=stores["train-all"], eval=stores["dev-all"], specs=["read:hidden=16"],
+                epochs=2, batch_size=16, progress=False)  # fmt: skip
+    ram = run_train(TrainConfig(out=str(tmp_path / "ram"), **base))["read"]
+    lean = run_train(TrainConfig(out=str(tmp_path / "lean"), ram_budget_mb=0, low_memory=True,
+                                 **base))["read"]  # fmt: skip
+    assert lean["eval"] == ram["eval"] and lean["train_loss"] == ram["train_loss"]
+
+
 def test_training_resumes_after_an_interruption(stores, tmp_path, monkeypatch):
     import pipeline.train as train_mod
 
@@ -123,6 +142,38 @@ def test_training_resumes_after_an_interruption(stores, tmp_path, monkeypatch):
         assert resumed[name]["train_loss"] == full[name]["train_loss"]
 
 
+def test_lean_adamw_is_bit_identical_to_torch_adamw():
+    """Stage two's AdamW + warmup/decay equals torch.optim.AdamW + LambdaLR exactly, including
+    parameters that get no gradient and a frozen one, and after a state_dict round trip."""
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.GELU(), torch.nn.Linear(8, 3))
+            for _ in range(2)]  # fmt: skip
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        net[0].bias.requires_grad_(False)
+    theirs = torch.optim.AdamW(nets[0].parameters(), lr=3e-3, weight_decay=0.05)
+    their_sched = torch.optim.lr_scheduler.LambdaLR(theirs, schedule(30, 0.1))
+    ours = AdamW(nets[1].parameters(), lr=3e-3, weight_decay=0.05)
+    our_sched = WarmupDecay(ours, schedule(30, 0.1))
+    for step in range(30):
+        x, y = torch.randn(16, 12), torch.randint(0, 3, (16,))
+        for net, opt, sched in ((nets[0], theirs, their_sched), (nets[1], ours, our_sched)):
+            opt.zero_grad(set_to_none=True)
+            out = net(x) if step % 7 else net[2](net[1](torch.zeros(16, 8)))  # net[0] idle
+            torch.nn.functional.cross_entropy(out, y).backward()
+            opt.step()
+            sched.step()
+        if step == 15:  # resume from saved states
+            state, sched_state = ours.state_dict(), our_sched.state_dict()
+            ours = AdamW(nets[1].parameters(), lr=3e-3, weight_decay=0.05)
+            our_sched = WarmupDecay(ours, schedule(30, 0.1))
+            ours.load_state_dict(state)
+            our_sched.load_state_dict(sched_state)
+        assert ours.lr == theirs.param_groups[0]["lr"]
+        for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+            assert torch.equal(a, b), step
+
+
 def test_stage_two_never_imports_transformers(stores, tmp_path):
     code = (
         "import sys\nfrom pipeline.cli import main\n"
@@ -131,7 +182,9 @@ def test_stage_two_never_imports_transformers(stores, tmp_path):
         f" '--sidenet', 'read:pool=first', '--sidenet', 'linear:pool=first', '--epochs', '1',"
         f" '--out', {str(tmp_path / 'o')!r}, '--no-progress'])\n"
         "assert rc == 0, rc\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'datasets'))\n"
+        "heavy = ('transformers', 'datasets', 'sympy', 'scipy', 'sklearn')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
+        "bad += [m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2],
