@@ -45,7 +45,7 @@ from storage.codecs import itemsize
 from storage.errors import DiskFullError, SidecacheError, StoreWriteError
 
 log = logging.getLogger(__name__)
-EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.4, "int8": 1.2}
+EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.35, "int8": 1.2}
 
 
 @dataclass
@@ -59,7 +59,7 @@ class CacheConfig:
     layers: str = "all"
     positions: str = "all"
     dtype: str = "bfloat16"
-    codec: str = "blosc-zstd:3"
+    codec: str = "blosc-lz4:5"
     max_length: int | None = None
     device: str = "auto"
     overwrite: bool = False

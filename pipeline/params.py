@@ -39,7 +39,7 @@ class CacheParams:
     layers: str = "all"
     positions: str = "all"
     dtype: str = "bfloat16"
-    codec: str = "blosc-zstd:3"
+    codec: str = "blosc-lz4:5"
     device: str = "auto"
     token_budget: int = 4096
     lst_prune: int | None = None

@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", default="all", help="all | first | last | mean")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32 | int8")
     p.add_argument(
-        "--codec", default="blosc-zstd:3", help="blosc-zstd | blosc-lz4 | zstd | none [:LEVEL]"
+        "--codec", default="blosc-lz4:5", help="blosc-lz4 | blosc-zstd | zstd | none [:LEVEL]"
     )
     p.add_argument("--max-length", type=int, default=None, help="truncate samples to N tokens")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

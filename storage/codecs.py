@@ -55,8 +55,8 @@ def itemsize(dtype: str) -> int:
 class CodecSpec:
     """Which compressor to use and how hard; shuffling is chosen per dtype."""
 
-    name: str = "blosc-zstd"
-    level: int = 3
+    name: str = "blosc-lz4"
+    level: int = 5
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "level": self.level}
