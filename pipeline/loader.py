@@ -93,9 +93,9 @@ class StoreLoader:
         rows = np.empty((b - a, len(self.layers), lay.hidden_size), STORED_DTYPES[lay.dtype])
         scales = np.empty((b - a, len(self.layers)), np.float32) if self._int8 else None
         for j, layer in enumerate(self.layers):
-            rows[:, j] = self.reader.raw_rows(layer, a, b)
+            self.reader.raw_rows(layer, a, b, out=rows[:, j])
             if scales is not None:
-                scales[:, j] = self.reader.raw_scales(layer, a, b)
+                self.reader.raw_scales(layer, a, b, out=scales[:, j])
         return rows, scales
 
     def _read_round(self, ids: list[int], cache: _EdgeCache) -> Iterator[tuple[int, Rows]]:
