@@ -84,12 +84,26 @@ def load_backbone(name: str, device: str = "auto", revision: str | None = None) 
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-        model = AutoModel.from_pretrained(source, revision=revision, config=config)
+        # weights missing from the checkpoint (a BERT saved without its pooler, say) are
+        # initialised at random by transformers: seeded here, so every load of the same folder
+        # gives the same model, the same weights hash and the same hidden states
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, info = AutoModel.from_pretrained(
+                source, revision=revision, config=config, output_loading_info=True
+            )
     except (OSError, ValueError) as exc:
         raise BackboneError(
             f"could not load backbone {name!r} ({source}): {exc}. Pass a local model folder "
             "or a hub id that transformers can load (flag --backbone)"
         ) from exc
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        log.warning(
+            "backbone %s: %d weights are not in the checkpoint and were initialised at random "
+            "(seeded, so the same on every load): %s%s", name, len(missing),
+            ", ".join(missing[:5]), " ..." if len(missing) > 5 else "",
+        )  # fmt: skip
     dev = pick_device(device)
     model = model.float().eval().requires_grad_(False)
     runner = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model

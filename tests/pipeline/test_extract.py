@@ -35,3 +35,23 @@ def test_gather_positions():
     assert torch.equal(gather(h, batch, "first"), h[:, 0])
     assert torch.equal(gather(h, batch, "last"), torch.stack([h[0, 2], h[1, 0], h[2, 1]]))
     assert torch.allclose(gather(h, batch, "mean")[0], h[0].mean(0))
+
+
+def test_a_checkpoint_without_pooler_loads_the_same_every_time(tmp_path, caplog):
+    """Weights missing from a checkpoint are initialised at random by transformers; stage one
+    seeds that, so two loads (e.g. the train and the dev split) have one weights hash."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.backbone import load_backbone
+    from tests.conftest import VOCAB, _save
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+    folder = _save(BertModel(cfg, add_pooling_layer=False), tmp_path / "no-pooler")
+    before = torch.get_rng_state()
+    with caplog.at_level("WARNING"):
+        first = load_backbone(folder, "cpu").identity["weights_hash"]
+    assert "pooler" in caplog.text and "initialised at random" in caplog.text
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is untouched
+    assert load_backbone(folder, "cpu").identity["weights_hash"] == first
