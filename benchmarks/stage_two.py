@@ -488,7 +488,9 @@ def part_c(
     log.info("(c) idle python + torch: %.1f MB (runs %s)", baseline_kb / 1024, base)
     runs: list[dict[str, Any]] = []
     for label, (train, eval_) in stores.items():
-        for mode, budget in (("streaming", 0), ("in RAM", HUGE >> 20)):
+        modes = (("streaming", 0, False), ("streaming, --low-memory", 0, True),
+                 ("in RAM", HUGE >> 20, False))  # fmt: skip
+        for mode, budget, low in modes:
             out = work / "c-run"
             shutil.rmtree(out, ignore_errors=True)
             cfg = {
@@ -500,6 +502,7 @@ def part_c(
                 "batch_size": batch,
                 "device": "cpu",
                 "ram_budget_mb": budget,
+                "low_memory": low,
                 "progress": False,
             }
             res = run_child(TRAIN_CHILD, [json.dumps(cfg)])
