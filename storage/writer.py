@@ -361,6 +361,7 @@ class StoreWriter:
                 "unwritten; the store stays incomplete"
             )
         self._pool.shutdown(wait=True)
+        self._spare.clear()  # nothing more to fill: give the buffers back
         self._raise_failures()
         self.done = self._read_done()  # other shard workers may have written theirs meanwhile
         return bool(self.done.all())
