@@ -166,14 +166,10 @@ class StoreReader:
         except ShardFileError as exc:
             chunk = start // file.chunk_rows if exc.chunk is None else exc.chunk
             a, b = chunk * file.chunk_rows, min((chunk + 1) * file.chunk_rows, file.n_rows)
-            key = file.key(chunk * file.chunk_rows // file.shard_rows)
-            raise StoreCorruptError(
-                f"{self.path}: array {name!r} has 1 damaged chunk(s): chunk "
-                f"{(chunk, *(0,) * len(file.row_shape))} [rows {a}:{b}] in file {name}/{key} "
-                f"({exc}); expected every chunk to decode and match its crc32c: re-create the "
-                "store with 'sidecache cache ... --overwrite' (run 'sidecache verify' to list "
-                "every damaged chunk)"
-            ) from exc
+            coords = (chunk, *(0,) * len(file.row_shape))
+            rel = _chunk_file(self.group[name], name, chunk)
+            where = f"chunk {coords} [rows {a}:{b}] in file {rel}"
+            raise _damaged(self.path, name, [where], str(exc)) from exc
         return out
 
     def _shard_file(self, name: str) -> ShardFile | None:
@@ -219,12 +215,7 @@ class StoreReader:
             out = arr[selection]
         except (ValueError, RuntimeError, OSError) as exc:
             bad = _bad_chunks(arr, name, selection) or ["(could not narrow it down to one chunk)"]
-            raise StoreCorruptError(
-                f"{self.path}: array {name!r} has {len(bad)} damaged chunk(s): "
-                f"{'; '.join(bad[:8])} (checksum or codec failure: {exc}); expected every chunk "
-                f"to decode and match its crc32c: re-create the store with 'sidecache cache "
-                "... --overwrite' (run 'sidecache verify' to list every damaged chunk)"
-            ) from exc
+            raise _damaged(self.path, name, bad, f"checksum or codec failure: {exc}") from exc
         missing = _missing_files(self.path, name, arr, selection) if self.complete else []
         if missing:
             raise StoreCorruptError(
@@ -273,6 +264,16 @@ class StoreReader:
 # write_empty_chunks; the others never hold an all-zero chunk). ``labels``, ``token_type_ids``
 # and ``lst_init/...`` may legitimately lack files (zarr skips chunks equal to the fill value).
 ALWAYS_WRITTEN = ("hidden/", "scales/", "progress", "offsets", "token_offsets", "token_ids")
+
+
+def _damaged(path: str, name: str, bad: list[str], cause: str) -> StoreCorruptError:
+    """The error for damaged chunks of array ``name``; ``bad`` describes each chunk."""
+    return StoreCorruptError(
+        f"{path}: array {name!r} has {len(bad)} damaged chunk(s): {'; '.join(bad[:8])} "
+        f"({cause}); expected every chunk to decode and match its crc32c: re-create the store "
+        "with 'sidecache cache ... --overwrite' (run 'sidecache verify' to list every damaged "
+        "chunk)"
+    )
 
 
 def _row_range(arr: Any, selection: Any) -> range:
