@@ -1,10 +1,10 @@
 """Whole shard files of the big per-layer arrays, encoded and decoded without zarr's chunk pipeline.
 
 Stage one always writes whole shards and the loader always reads whole chunks. For those two
-cases zarr 3.1's generic path costs about three times the compression itself on this machine
-(a fill-value template per shard, several copies, an asyncio hop per chunk, all under the GIL),
-which on a CPU-bound run competes with the backbone and with training for the same cores. This
-module writes and reads the same bytes directly: a shard file is the standard
+cases zarr 3.1's generic path adds work around the codec (a fill-value template per shard,
+copies, an asyncio hop per chunk, under the GIL) that on a CPU-bound run competes with the
+backbone and with training for the same cores (``benchmarks/shard_io.py`` measures both paths).
+This module writes and reads the same bytes directly: a shard file is the standard
 ``sharding_indexed`` layout (chunks back to back, each ``blosc|zstd`` + crc32c, then the index of
 ``(offset, nbytes)`` pairs + crc32c at the end; chunks past the array's end absent, a partial
 last chunk padded with the fill value). Tests compare the files with zarr's byte for byte, and
