@@ -230,7 +230,9 @@ class StoreWriter:
             None if local is None else ShardFile.of(a, local / a.path)
             for a in [*self._arrays, *(self._scales or [])]
         ]
-        self._spare: list[_Shard] = []  # written shards' buffers, reused: no fresh page faults
+        # written shards' buffers, reused for later shards: fresh memory costs page faults (and
+        # zeroing) on first touch, which competes with the backbone for the CPU
+        self._spare: list[_Shard] = []
         self._spare_lock = threading.Lock()
         self.done = self._read_done()
         self.owned = np.ones(layout.n_shards, dtype=bool)  # shards this process writes
@@ -332,8 +334,8 @@ class StoreWriter:
                 else:
                     arr[start:stop] = rows
             self._progress[shard] = shard_stats(buf.stats)
-            with self._spare_lock:
-                self._spare = [buf, *self._spare][: self._slots_total]
+            with self._spare_lock:  # never more buffers than were once in use at the same time
+                self._spare.append(buf)
         finally:
             self._slots.release()
 

@@ -1,0 +1,113 @@
+"""Where stage one's time over forward-only goes: the same batches with parts of the work removed.
+
+Arms, interleaved in ABBA order in one process (inputs prepared once, as in
+:mod:`benchmarks.stage_one`):
+
+* ``fwd`` — forward-only (``make_batch`` + ``hidden_states``), the baseline;
+* ``extract`` — plus everything stage one does on the backbone's side for every batch
+  (:func:`pipeline.extract.extract_rows`: gather, row statistics, finiteness, cast, copy off the
+  device), nothing written;
+* ``nowrite`` — the unmodified ``run_cache`` with :meth:`storage.shardfile.ShardFile.write`
+  replaced by a no-op: the writer's scatter into shard buffers, its threads and bookkeeping, no
+  compression and no file;
+* ``stage`` — the unmodified ``run_cache``;
+* ``none`` — ``run_cache`` with ``--codec none`` (files written uncompressed).
+
+So ``extract - fwd`` is the device-side work, ``nowrite - extract`` the writer's buffers and
+threads, ``stage - nowrite`` compression and file writes.
+
+    .venv/bin/python -m benchmarks.stage_one_ablation --limit 40000 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import statistics
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+from benchmarks.stage_one import (
+    SST2,
+    Pass,
+    clock,
+    forward_pass,
+    prepare,
+    stage_pass,
+    wait_for_idle,
+    warm_up,
+)
+from pipeline.cache import CacheConfig
+from pipeline.extract import extract_rows, make_batch
+from storage.shardfile import ShardFile
+
+log = logging.getLogger("benchmarks.stage_one_ablation")
+ARMS = ("fwd", "extract", "nowrite", "stage", "none")
+
+
+def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float]:
+    if arm == "fwd":
+        p: Pass = forward_pass(prep, None)
+        return {"wall_s": p.wall_s, "cpu_s": p.cpu_s}
+    if arm == "extract":
+        record: dict[str, float] = {}
+        with clock(record):
+            for samples in prep.batches:
+                batch = make_batch(prep.tok, samples, prep.bb.device)
+                extract_rows(prep.bb, batch, prep.layers, "all", cfg.dtype)
+        return record
+    patches: list[Any] = []
+    if arm == "nowrite":
+        patches.append(mock.patch.object(ShardFile, "write", lambda *_a, **_k: None))
+    run_cfg = replace(cfg, codec="none") if arm == "none" else cfg
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        p, _ = stage_pass(run_cfg, prep, out, None, [])
+    return {"wall_s": p.wall_s, "cpu_s": p.cpu_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=SST2)
+    ap.add_argument("--limit", type=int, default=40000)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    arms = args.arms.split(",")
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        ap.error(f"unknown arms {unknown}; expected some of {', '.join(ARMS)}")
+    with tempfile.TemporaryDirectory(prefix="stage-one-ablation-") as tmp:
+        out = Path(tmp) / "store"
+        cfg = CacheConfig(
+            backbone="minilm", data=args.data, split="train", out=str(out), limit=args.limit,
+            progress=False,
+        )  # fmt: skip
+        prep = prepare(cfg)
+        warm_up(prep, 8)
+        runs: dict[str, list[dict[str, float]]] = {a: [] for a in arms}
+        for r in range(args.repeats):
+            for arm in arms if r % 2 == 0 else arms[::-1]:
+                wait_for_idle(30)
+                runs[arm].append(run_arm(arm, cfg, prep, out))
+                log.info("%-8s %s", arm, {k: round(v, 2) for k, v in runs[arm][-1].items()})
+    base = statistics.median(x["wall_s"] for x in runs.get("fwd", [{"wall_s": float("nan")}]))
+    print(f"{prep.n_tokens:,} tokens, {len(prep.batches)} batches, medians of {args.repeats}\n")
+    print("| arm | wall s | ÷ forward-only | process CPU s |\n|---|---:|---:|---:|")
+    for arm, xs in runs.items():
+        wall = statistics.median(x["wall_s"] for x in xs)
+        cpu = statistics.median(x["cpu_s"] for x in xs)
+        print(f"| {arm} | {wall:.1f} | {wall / base:.3f} | {cpu:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
