@@ -73,7 +73,7 @@ class BenchConfig:
     dtype: str = "bfloat16"  # the store's dtype; online READ/LST round to it too
     device: str = "auto"
     ram_budget_mb: int = 4096  # cached runs: stores up to this size are held in RAM
-    pool_mb: int = 256  # cached runs: the loader's shuffle pool
+    pool_mb: int = 512  # cached runs: the loader's budget for stored rows (sidecache train)
     low_memory: bool = False  # cached runs: ``sidecache train --low-memory``
 
 
@@ -165,7 +165,7 @@ def _job_cached(job: dict[str, Any]) -> dict[str, Any]:
             seed=job["seed"],
             device=cfg["device"],
             ram_budget_mb=cfg["ram_budget_mb"],
-            pool_mb=cfg.get("pool_mb", 256),
+            pool_mb=cfg.get("pool_mb", 512),
             low_memory=cfg.get("low_memory", False),
             progress=False,
         )
@@ -464,7 +464,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"`{cfg['eval_split']}` limit {cfg['eval_limit']}), {cfg['epochs']} epochs, batch "
         f"{cfg['batch_size']}, max length {cfg['max_length']}, store dtype {cfg['dtype']}, "
         f"seeds {cfg['seeds']}; cached runs: RAM budget {cfg['ram_budget_mb']} MB, pool "
-        f"{cfg.get('pool_mb', 256)} MB{', --low-memory' if cfg.get('low_memory') else ''}. "
+        f"{cfg.get('pool_mb', 512)} MB{', --low-memory' if cfg.get('low_memory') else ''}. "
         f"{env['cpus']} CPUs, CUDA {env['cuda']}, idle peak RSS "
         f"{_fmt(min(env['idle_peak_rss_mb'] or [0]))} MB, "
         f"1-min load {env['load_average_1min_range']}"

@@ -59,7 +59,7 @@ class TrainConfig:
     ram_budget_mb: int = 4096
     progress: bool = True
     threads: int = 0  # torch intra-op threads on CPU; 0 = half the usable cores (at least 1)
-    pool_mb: int = 256  # the loader's shuffle pool (stored rows); changes the shuffle if lowered
+    pool_mb: int = 512  # streaming: the loader's budget for stored rows; a round holds <= half
     low_memory: bool = False  # one prefetched batch, and glibc returns freed buffers at once
 
 
@@ -455,4 +455,8 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
             write_outputs(m, info, identity, device, finished=False)
         log.info("epoch %d: %s", epoch + 1, ", ".join(
             f"{m.name} {scores[m.name]['score']:.4f}" for m in active))  # fmt: skip
+    for which, ld in (("train", loader), ("eval", eval_loader)):
+        if not ld.in_ram:
+            log.info("loader memory (%s): held at most %d bytes of stored rows; budget %d, "
+                     "bound %d", which, ld.held_peak, ld.pool_bytes, ld.held_bound)  # fmt: skip
     return {m.name: write_outputs(m, info, identity, device, finished=True) for m in members}

@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         default=4096,
         help="cached runs hold stores up to this size in RAM (0: stream them)",
     )
-    p.add_argument("--pool-mb", type=int, default=256, help="cached runs: loader shuffle pool")
+    p.add_argument(
+        "--pool-mb", type=int, default=512, help="cached runs: the loader's budget for stored rows"
+    )
     p.add_argument(
         "--low-memory", action="store_true", help="cached runs: sidecache train --low-memory"
     )

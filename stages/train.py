@@ -31,9 +31,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=0, help="PyTorch threads on CPU (0: half the cores)"
     )
     p.add_argument(
-        "--pool-mb", type=int, default=256,
-        help="the loader's shuffle pool of stored rows (default 256); a smaller pool shuffles "
-        "over fewer chunks at a time (different batches) and needs less memory when streaming",
+        "--pool-mb", type=int, default=512,
+        help="the loader's budget for stored rows when streaming (default 512): the round being "
+        "shuffled, the next one read ahead, cached chunk edges and leftovers together; a round "
+        "holds at most half, so a smaller budget shuffles over fewer chunks at a time (different "
+        "batches, in RAM too)",
     )  # fmt: skip
     p.add_argument(
         "--low-memory", action="store_true",
