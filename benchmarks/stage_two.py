@@ -25,12 +25,14 @@ every layer and token, ``--max-length 128``):
     loading and bookkeeping = pass wall time minus the networks' own compute.
 (c) **Peak memory.** Each run in a fresh subprocess: the idle baseline is ``python -c "import
     torch"`` (its peak RSS, ``VmHWM``); a training child runs :func:`pipeline.train.run_train` for 1
-    epoch with ``read`` and ``linear``, batch 32, either streaming (``ram_budget_mb=0``) or in RAM
-    (budget 1 TiB), and reports its ``VmHWM``; the parent also polls the child's RSS with
-    psutil as a cross-check. Stores: MiniLM (6 layers, 384 wide) on 2,000 and on 10,000 SST-2
-    train samples, and a 12-layer 768-wide BERT built from ``transformers.BertConfig`` with random
-    weights (saved with ``save_pretrained`` next to the MiniLM tokenizer) on the same 2,000
-    samples; each with its own SST-2 dev store.
+    epoch with ``read`` and ``linear``, batch 32, streaming (``ram_budget_mb=0``) with the default
+    loader budget (``pool_mb`` 512), the same with ``low_memory``, streaming with ``pool_mb`` =
+    ``--pool-small`` (64), or in RAM (budget 1 TiB), and reports its ``VmHWM`` and the most stored
+    bytes its loaders held (``held_peak``, from run_train's "loader memory" log record); the
+    parent also polls the child's RSS with psutil as a cross-check. Stores: MiniLM (6 layers, 384
+    wide) and a 12-layer 768-wide BERT built from ``transformers.BertConfig`` with random weights
+    (saved with ``save_pretrained`` next to the MiniLM tokenizer), each on 2,000 and on 10,000
+    SST-2 train samples (``--mem-limit``, ``--limit``) with its own SST-2 dev store.
 
 Before each timed part it waits (polling every 30 s, at most 15 min) until no
 ``benchmarks.stage_one`` process runs, logs ``ps aux --sort=-%cpu | head`` and records the load
@@ -98,14 +100,24 @@ print(json.dumps({"maxrss_kb": hwm(), "threads": torch.get_num_threads()}))
 TRAIN_CHILD = (
     HWM
     + """
-import json, sys, time
+import json, logging, sys, time
 import torch
 imported_torch = hwm()
 from pipeline.train import TrainConfig, run_train
 imported_all = hwm()
+held = []
+
+class Held(logging.Handler):
+    def emit(self, record):
+        if record.msg.startswith("loader memory"):
+            held.append(dict(zip(("loader", "held_peak", "pool_bytes", "held_bound"), record.args)))
+
+logging.getLogger("pipeline.train").addHandler(Held())
+logging.getLogger("pipeline.train").setLevel(logging.INFO)
 started = time.perf_counter()
 out = run_train(TrainConfig(**json.loads(sys.argv[1])))
 print(json.dumps({
+    "loaders": held,
     "maxrss_kb": hwm(),
     "after_torch_kb": imported_torch,
     "after_imports_kb": imported_all,
@@ -480,7 +492,7 @@ def run_child(code: str, args: list[str]) -> dict[str, Any]:
 
 
 def part_c(
-    stores: dict[str, tuple[Path, Path]], batch: int, work: Path, max_wait: float
+    stores: dict[str, tuple[Path, Path]], batch: int, work: Path, max_wait: float, pool_small: int
 ) -> dict[str, Any]:
     watch = wait_quiet("c", max_wait)
     base = [run_child(BASELINE_CHILD, [])["maxrss_kb"] for _ in range(3)]
@@ -488,9 +500,11 @@ def part_c(
     log.info("(c) idle python + torch: %.1f MB (runs %s)", baseline_kb / 1024, base)
     runs: list[dict[str, Any]] = []
     for label, (train, eval_) in stores.items():
-        modes = (("streaming", 0, False), ("streaming, --low-memory", 0, True),
-                 ("in RAM", HUGE >> 20, False))  # fmt: skip
-        for mode, budget, low in modes:
+        pool = TrainConfig.pool_mb
+        modes = (("streaming", 0, False, pool), ("streaming, --low-memory", 0, True, pool),
+                 (f"streaming, --pool-mb {pool_small}", 0, False, pool_small),
+                 ("in RAM", HUGE >> 20, False, pool))  # fmt: skip
+        for mode, budget, low, pool_mb in modes:
             out = work / "c-run"
             shutil.rmtree(out, ignore_errors=True)
             cfg = {
@@ -503,6 +517,7 @@ def part_c(
                 "device": "cpu",
                 "ram_budget_mb": budget,
                 "low_memory": low,
+                "pool_mb": pool_mb,
                 "progress": False,
             }
             res = run_child(TRAIN_CHILD, [json.dumps(cfg)])
@@ -515,12 +530,13 @@ def part_c(
                 above_baseline_mb=(res["maxrss_kb"] - baseline_kb) / 1024,
             )
             log.info(
-                "(c) %s %s: peak %.1f MB, %.1f MB above baseline (polled %.1f MB)",
+                "(c) %s %s: peak %.1f MB, %.1f MB above baseline (polled %.1f MB); loaders %s",
                 label,
                 mode,
                 res["maxrss_kb"] / 1024,
                 res["above_baseline_mb"],
                 res["polled_peak_kb"] / 1024,
+                res["loaders"],
             )
             runs.append(res)
     return {"env": watch.done(), "baseline_kb": baseline_kb, "baseline_runs_kb": base, "runs": runs}
@@ -603,16 +619,17 @@ def report(res: dict[str, Any]) -> str:
             f"`python -c 'import torch'` = {c['baseline_kb'] / 1024:.0f} MB",
             "",
             "| store | layers × width | train samples | train raw / on disk MB | mode | "
-            "peak MB | above baseline MB | polled peak MB |",
-            "|---|---|---:|---:|---|---:|---:|---:|",
+            "peak MB | above baseline MB | polled peak MB | loader held MB (train, eval) |",
+            "|---|---|---:|---:|---|---:|---:|---:|---:|",
         ]
         for r in c["runs"]:
             s = r["train_store"]
+            held = ", ".join(f"{x['held_peak'] / 2**20:.0f}" for x in r.get("loaders", []))
             lines.append(
                 f"| {r['store']} | {s['layers']} × {s['hidden_size']} | {s['samples']} | "
                 f"{s['raw_bytes'] / 1e6:.0f} / {s['bytes_on_disk'] / 1e6:.0f} | {r['mode']} | "
                 f"{r['maxrss_kb'] / 1024:.0f} | **{r['above_baseline_mb']:.0f}** | "
-                f"{r['polled_peak_kb'] / 1024:.0f} |"
+                f"{r['polled_peak_kb'] / 1024:.0f} | {held or '–'} |"
             )
         lines += ["", env_line(c["env"]), ""]
     return "\n".join(lines)
@@ -629,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats-b", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-wait", type=float, default=900.0, help="s to wait for stage_one")
+    p.add_argument("--pool-small", type=int, default=64, help="(c): the small --pool-mb arm")
     p.add_argument("--json", type=Path, default=None, help="save every figure here")
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -673,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
     if "c" in args.parts:
         bert = str(build_bert(args.work / "bert768-random"))
-        small = f"{args.mem_limit // 1000}k"
+        small, big = f"{args.mem_limit // 1000}k", f"{args.limit // 1000}k"
         mem = {
             f"MiniLM {small}": (
                 ensure_store(
@@ -681,15 +699,19 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 dev,
             ),
-            f"MiniLM {args.limit // 1000}k": (train, dev),
+            f"MiniLM {big}": (train, dev),
             f"BERT-768×12 {small}": (
                 ensure_store(
                     bert, sst2, "train", stores / f"bert768-sst2-train{small}", args.mem_limit
                 ),
                 ensure_store(bert, sst2, "dev", stores / "bert768-sst2-dev", None),
             ),
+            f"BERT-768×12 {big}": (
+                ensure_store(bert, sst2, "train", stores / f"bert768-sst2-train{big}", args.limit),
+                stores / "bert768-sst2-dev",
+            ),
         }
-        res["c"] = part_c(mem, args.batch_size, args.work / "out", args.max_wait)
+        res["c"] = part_c(mem, args.batch_size, args.work / "out", args.max_wait, args.pool_small)
     save()
     print(report(res))
     return 0
