@@ -26,6 +26,7 @@ float32 use ``lam=0.5`` or more. The last block's ``G`` adapter does not reach t
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -185,13 +186,16 @@ def attention_mask_for(model: nn.Module, mask: torch.Tensor, emb: torch.Tensor) 
     """The mask a BERT block takes, built the way the model builds it."""
     create: Callable[..., Any] | None = getattr(model, "_create_attention_masks", None)
     if create is not None:
-        out, _ = create(
-            attention_mask=mask,
-            encoder_attention_mask=None,
-            embedding_output=emb,
-            encoder_hidden_states=None,
-            past_key_values=None,
-        )
+        given = {
+            "attention_mask": mask,
+            "encoder_attention_mask": None,
+            "embedding_output": emb,
+            "encoder_hidden_states": None,
+        }
+        # the cache argument is named past_key_values in some transformers releases and cache in
+        # others (5.24): every parameter beyond these four is a cache of some kind, and None here
+        rest = {name: None for name in inspect.signature(create).parameters if name not in given}
+        out, _ = create(**given, **rest)
         return out
     return model.get_extended_attention_mask(mask, mask.shape)  # type: ignore[operator]
 
