@@ -5,37 +5,48 @@ cores with other work (their ``others_cpu_s`` is recorded), that median mixes co
 runs. This script keeps every run for the quality columns and, for wall time and CPU-seconds,
 only the runs during which other processes used less than ``max(5 s, 10% of the run's wall
 time)`` of CPU. Several folders joined with ``+`` form one task (e.g. a re-run of a failed seed).
+A folder whose bench was stopped contributes its finished runs
+(:func:`benchmarks.methods.load_runs`; their machine load is not known, so they count for quality
+only).
 
     .venv/bin/python -m benchmarks.quiet_table OUT/SST-2+OUT/SST-2-meft0 OUT/CoLA
 """
 
 from __future__ import annotations
 
-import json
+import math
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.methods import load_runs
+
 
 def quiet(run: dict[str, Any]) -> bool:
     return bool(run["others_cpu_s"] < max(5.0, 0.1 * run["costs"]["wall_s"]))
 
 
+def load(run: dict[str, Any]) -> str:
+    if math.isnan(run["others_cpu_s"]):
+        return "machine load unknown"
+    return "quiet" if quiet(run) else "contended"
+
+
 def table(folders: list[Path]) -> list[str]:
     runs: list[dict[str, Any]] = []
     for folder in folders:
-        runs += json.loads((folder / "bench.json").read_text())["runs"]
+        runs += load_runs(folder)[1]
     idle = min(r["costs"]["peak_rss_bytes"] for r in runs if r["kind"] == "idle")
     cache = next(r for r in runs if r["kind"] == "cache")
     by: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        if r["kind"] in ("cached", "online") and r["returncode"] == 0:
+        if r["kind"] in ("cached", "online") and r.get("returncode", 0) == 0 and "payload" in r:
             by[r["method"]].append(r)
     lines = [
         f"{' + '.join(str(f) for f in folders)}: stage one {cache['costs']['wall_s']:.1f} s wall, "
-        f"{cache['costs']['cpu_s']:.1f} CPU-s ({'quiet' if quiet(cache) else 'contended'})",
+        f"{cache['costs']['cpu_s']:.1f} CPU-s ({load(cache)})",
         "",
         "| method | seeds | dev score, best epoch (×100, mean ± std) | trainable params | "
         "peak MB above idle (median) | quiet runs | wall s (quiet median) | CPU-s (quiet median) |",
