@@ -3,7 +3,8 @@
 ``full``, ``lora`` and ``meft`` take their own sizes (:class:`FullConfig`, :class:`LoraConfig`,
 :class:`MeftConfig`); ``read`` and ``lst`` take exactly stage two's keys. Every kind takes the
 training keys ``lr weight_decay warmup patience seed name`` (:class:`TrainSettings`); the default
-learning rate depends on the kind (full fine-tuning needs a small one).
+learning rate depends on the kind (full fine-tuning needs a small one). ``precision`` is a side
+network's (``read:precision=bfloat16``); ``full``, ``lora`` and ``meft`` compute in float32.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def parse_method(text: str) -> SideSpec:
                 f"method {text!r}: unknown key {key!r}; {kind} takes "
                 f"{sorted([*defaults, *vars(train)])}"
             )
+    if train.precision != "float32":
+        raise ConfigError(f"method {text!r}: precision applies to the side networks (read, lst); "
+                          f"{kind} computes in float32, so drop precision=")  # fmt: skip
     return SideSpec(kind, model, train, text)
 
 

@@ -1,8 +1,8 @@
 """Side networks, registered by name: ``read``, ``lst``, ``linear``, ``mlp``.
 
 A spec is ``KIND[:key=value,...]``. Keys that are fields of the kind's config dataclass size the
-network; ``lr``, ``weight_decay``, ``warmup``, ``patience``, ``seed`` and ``name`` are training
-settings (see :class:`TrainSettings`).
+network; ``lr``, ``weight_decay``, ``warmup``, ``patience``, ``seed``, ``precision`` and ``name``
+are training settings (see :class:`TrainSettings`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.sidenets.base import SideBatch, StoreInfo, loss_fn
 from pipeline.sidenets.lst import Lst, LstConfig
+from pipeline.sidenets.precision import PRECISIONS, Autocast
 from pipeline.sidenets.probes import Probe, ProbeConfig
 from pipeline.sidenets.read import Read, ReadConfig
 
@@ -43,6 +45,7 @@ class TrainSettings:
     warmup: float = 0.06  # fraction of all steps
     patience: int = 0  # epochs without improvement before stopping; 0 = never stop early
     seed: int = 0
+    precision: str = "float32"  # or bfloat16: computed under autocast (pipeline.sidenets.precision)
     name: str = ""
 
 
@@ -94,11 +97,18 @@ def parse_spec(text: str) -> SideSpec:
         else:
             keys = sorted([*model_defaults, *vars(train)])
             raise ConfigError(f"--sidenet {text!r}: unknown key {key!r}; {kind} takes {keys}")
+    if train.precision not in PRECISIONS:
+        raise ConfigError(f"--sidenet {text!r}: precision must be one of {', '.join(PRECISIONS)}; "
+                          f"found {train.precision!r}")  # fmt: skip
     return SideSpec(kind, model, train, text)
 
 
 def build(spec: SideSpec, info: StoreInfo) -> nn.Module:
-    return REGISTRY[spec.kind].build(info, spec.config())
+    """The side network of ``spec``; wrapped in :class:`Autocast` unless it computes in float32,
+    so training, evaluation and prediction all compute alike."""
+    net = REGISTRY[spec.kind].build(info, spec.config())
+    dtype = PRECISIONS[spec.train.precision]
+    return net if dtype == torch.float32 else Autocast(net, dtype)
 
 
 __all__ = ["REGISTRY", "SideBatch", "SideSpec", "StoreInfo", "TrainSettings", "build", "loss_fn",

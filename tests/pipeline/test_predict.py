@@ -26,9 +26,10 @@ def run(model_dir, glue_dir, tmp_path_factory):
     model = model_dir("bert")
     for split in ("train", "dev"):
         small_cache(model, f"glue:{glue_dir}", root / split, split=split)  # bfloat16, all tokens
+    specs = ["read:hidden=16", "lst:r=4", "read:hidden=16,precision=bfloat16,name=read-bf16"]
     run_train(TrainConfig(
-        train=str(root / "train"), eval=str(root / "dev"), specs=["read:hidden=16", "lst:r=4"],
-        epochs=2, out=str(root / "out"), batch_size=16, progress=False,
+        train=str(root / "train"), eval=str(root / "dev"), specs=specs, epochs=2,
+        out=str(root / "out"), batch_size=16, progress=False,
     ))  # fmt: skip
     return root
 
@@ -44,7 +45,7 @@ def stage_two_outputs(root, name: str) -> np.ndarray:
         return np.concatenate([model(b).numpy() for b in loader.epoch(0)])
 
 
-@pytest.mark.parametrize("name", ["read", "lst"])
+@pytest.mark.parametrize("name", ["read", "lst", "read-bf16"])
 def test_predictions_from_raw_text_equal_stage_two_evaluation(run, glue_dir, name):
     loaded = load_predictor(run / "out" / name, "cpu")
     data = load_data(f"glue:{glue_dir}", "dev")

@@ -122,6 +122,49 @@ def test_unknown_kind_and_key_are_refused():
     assert spec.model["hidden"] == 16 and spec.train.lr == 3e-4 and spec.train.name == "r1"
 
 
+@pytest.mark.parametrize("spec", ["read", "lst:r=4", "mlp"])
+def test_bfloat16_precision_computes_products_in_bfloat16(spec, store):
+    """``precision=bfloat16``: the same network (same seed, same weights) with its linear layers
+    computing in bfloat16; float32 parameters, gradients and outputs; checkpoints load back."""
+    batch, info = first_batch(store)
+    full = fresh(spec, info, seed=5).eval()
+    low = fresh(f"{spec}{',' if ':' in spec else ':'}precision=bfloat16", info, seed=5).eval()
+    assert {k.removeprefix("net."): v for k, v in low.state_dict().items()}.keys() == set(
+        full.state_dict()
+    )
+    for (_, a), (_, b) in zip(full.state_dict().items(), low.state_dict().items(), strict=True):
+        assert torch.equal(a, b)
+    seen: list[torch.dtype] = []
+    for module in low.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    out = low(batch)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert out.dtype == torch.float32
+    ref = full(batch)
+    assert not torch.equal(out, ref) and torch.allclose(out, ref, rtol=0.05, atol=0.05)
+    low.train()
+    loss_fn(info, low(batch), batch.labels).backward()
+    for name, p in low.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+        assert p.grad.abs().sum() > 0, name
+    again = fresh(f"{spec}{',' if ':' in spec else ':'}precision=bfloat16", info, seed=9).eval()
+    again.load_state_dict(low.state_dict())
+    low.eval()
+    assert torch.equal(again(batch), low(batch))
+
+
+def test_precision_is_checked():
+    from pipeline.errors import ConfigError
+    from pipeline.online.methods import parse_method
+
+    with pytest.raises(ConfigError, match="one of float32, bfloat16; found 'fp16'"):
+        parse_spec("read:precision=fp16")
+    with pytest.raises(ConfigError, match="precision applies to the side networks"):
+        parse_method("full:precision=bfloat16")
+    assert parse_method("read:precision=bfloat16").train.precision == "bfloat16"
+
+
 def test_loader_is_deterministic_and_streams_like_ram(store):
     reader = open_store(store)
     ram = StoreLoader(reader, 7, shuffle=True, seed=5)

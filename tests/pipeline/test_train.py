@@ -45,7 +45,9 @@ def stores(model_dir, glue_dir, tmp_path_factory) -> dict[str, str]:
     return out
 
 
-@pytest.mark.parametrize("spec", ["read:dropout=0.1", "lst:dropout=0.1"])
+@pytest.mark.parametrize(
+    "spec", ["read:dropout=0.1", "lst:dropout=0.1", "read:dropout=0.1,precision=bfloat16"]
+)
 def test_cached_training_equals_online_training(spec, stores):
     """Same seed, same batches: losses from the float32 store and from the backbone running
     every step (in eval()) agree to float round-off."""
