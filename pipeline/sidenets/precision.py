@@ -5,6 +5,14 @@ compute in bfloat16, while parameters, gradients, optimiser state, normalisation
 float32. On CPUs with bfloat16 matrix units (Intel AMX, ``amx_bf16`` in ``/proc/cpuinfo``) and on
 GPUs this cuts the cost of the products that dominate READ over every token; on other CPUs
 bfloat16 products are emulated and slower, which :func:`warn_if_slow` says once.
+
+On CPU, oneDNN builds (JIT-compiles) and keeps a bfloat16 kernel for every new matrix shape:
+~40 ms and ~8 MB each (``benchmarks/precision.py``). A batch's row count varies from batch to
+batch, so unpadded every batch would pay that and memory would grow with every new count. The
+wrapper therefore rounds the row count up to :func:`bucket` rows with zero-filled pseudo-samples
+(each no longer than the batch's longest sample) and drops their outputs: every row and sample
+is computed independently by the side networks (per-row layers, per-sample pooling and
+attention), so the real samples' outputs do not depend on them, and the shapes stay few.
 """
 
 from __future__ import annotations
@@ -51,5 +59,30 @@ class Autocast(nn.Module):
         device = batch.hidden.device
         warn_if_slow(device)
         with torch.autocast(device.type, dtype=self.dtype):
-            out = self.net(batch)
-        return out.float()
+            out = self.net(padded(batch))
+        return out[: len(batch.lengths)].float()
+
+
+def bucket(rows: int) -> int:
+    """``rows`` rounded up to 4 significant bits (8 sizes per octave: at most 1/8 more from 128
+    rows up) and to a multiple of 16."""
+    step = 1 << max(rows.bit_length() - 4, 4)
+    return -(-rows // step) * step
+
+
+def padded(batch: SideBatch) -> SideBatch:
+    """``batch`` plus zero-row pseudo-samples after the real ones, :func:`bucket` rows in all."""
+    rows = batch.hidden.shape[0]
+    extra = bucket(rows) - rows
+    if extra == 0:
+        return batch
+    longest = max(1, int(batch.lengths.max()))
+    sizes = [longest] * (extra // longest) + ([extra % longest] if extra % longest else [])
+    n = len(sizes)
+    return SideBatch(
+        hidden=torch.cat([batch.hidden, batch.hidden.new_zeros((extra, *batch.hidden.shape[1:]))]),
+        lengths=torch.cat([batch.lengths, torch.tensor(sizes, dtype=batch.lengths.dtype,
+                                                       device=batch.lengths.device)]),
+        labels=torch.cat([batch.labels, batch.labels[:1].expand(n)]),
+        samples=torch.cat([batch.samples, batch.samples[:1].expand(n)]),
+    )  # fmt: skip

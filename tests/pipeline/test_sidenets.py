@@ -154,6 +154,24 @@ def test_bfloat16_precision_computes_products_in_bfloat16(spec, store):
     assert torch.equal(again(batch), low(batch))
 
 
+@pytest.mark.parametrize("spec", ["read", "lst:r=4", "mlp", "read:pool=first"])
+def test_padding_to_a_bucket_leaves_the_real_samples_alone(spec, store):
+    """bfloat16 networks see their batch padded to :func:`bucket` rows with zero pseudo-samples
+    (so oneDNN builds few kernels); the real samples' outputs are those of the unpadded batch."""
+    from pipeline.sidenets.precision import bucket, padded
+
+    assert [bucket(r) for r in (1, 16, 17, 100, 420, 1025)] == [16, 16, 32, 112, 448, 1152]
+    assert all(r <= bucket(r) <= r * 1.125 for r in range(128, 5000))
+    batch, info = first_batch(store, size=5)
+    big = padded(batch)
+    rows = batch.hidden.shape[0]
+    assert big.hidden.shape[0] == bucket(rows) > rows and int(big.lengths.sum()) == bucket(rows)
+    assert torch.equal(big.hidden[:rows], batch.hidden) and not big.hidden[rows:].any()
+    assert int(big.lengths[5:].max()) <= int(batch.lengths.max())
+    model = fresh(spec, info, seed=2).eval()
+    assert torch.allclose(model(big)[:5], model(batch), rtol=1e-5, atol=1e-6)
+
+
 def test_precision_is_checked():
     from pipeline.errors import ConfigError
     from pipeline.online.methods import parse_method
