@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = statistics.median(int(b.lengths.sum()) for b in batches)
     print(f"store {store}: {len(batches)} batches of 32 (median {rows:.0f} rows), "
           f"{torch.get_num_threads()} torch thread(s), bfloat16 matrix units: "
-          f"{native_bf16(torch.device('cpu'))}\n")  # fmt: skip
+          f"{native_bf16('cpu')}\n")  # fmt: skip
     print("| side network | float32 CPU-ms/step | bfloat16 CPU-ms/step | bfloat16 ÷ float32 |")
     print("|---|---:|---:|---:|")
     for kind in args.kinds.split(","):

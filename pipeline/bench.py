@@ -75,6 +75,7 @@ class BenchConfig:
     ram_budget_mb: int = 4096  # cached runs: stores up to this size are held in RAM
     pool_mb: int = 512  # cached runs: the loader's budget for stored rows (sidecache train)
     low_memory: bool = False  # cached runs: ``sidecache train --low-memory``
+    threads: int = 0  # cached runs: ``sidecache train --threads`` (0: half the cores)
 
 
 def split_method(text: str) -> tuple[str, str]:
@@ -167,6 +168,7 @@ def _job_cached(job: dict[str, Any]) -> dict[str, Any]:
             ram_budget_mb=cfg["ram_budget_mb"],
             pool_mb=cfg.get("pool_mb", 512),
             low_memory=cfg.get("low_memory", False),
+            threads=cfg.get("threads", 0),
             progress=False,
         )
     )
@@ -215,7 +217,8 @@ def worker(job_path: str) -> int:
         "peak_rss_bytes": _vmhwm(),
         "gpu_peak_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "gpu_energy_j": None if energy0 is None or energy1 is None else (energy1 - energy0) / 1e3,
-        "torch_threads": torch.get_num_threads(),
+        # stage two sets its own thread count and restores the caller's when it returns
+        "torch_threads": payload.get("torch_threads", torch.get_num_threads()),
     }
     Path(job["result"]).write_text(json.dumps({"payload": payload, "costs": costs}, default=str))
     return 0
@@ -464,7 +467,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"`{cfg['eval_split']}` limit {cfg['eval_limit']}), {cfg['epochs']} epochs, batch "
         f"{cfg['batch_size']}, max length {cfg['max_length']}, store dtype {cfg['dtype']}, "
         f"seeds {cfg['seeds']}; cached runs: RAM budget {cfg['ram_budget_mb']} MB, pool "
-        f"{cfg.get('pool_mb', 512)} MB{', --low-memory' if cfg.get('low_memory') else ''}. "
+        f"{cfg.get('pool_mb', 512)} MB{', --low-memory' if cfg.get('low_memory') else ''}"
+        f"{', --threads ' + str(cfg['threads']) if cfg.get('threads') else ''}. "
         f"{env['cpus']} CPUs, CUDA {env['cuda']}, idle peak RSS "
         f"{_fmt(min(env['idle_peak_rss_mb'] or [0]))} MB, "
         f"1-min load {env['load_average_1min_range']}"

@@ -332,6 +332,7 @@ def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], device: 
         "trainable_params": m.params,
         "wall_time_s": round(m.seconds, 3),
         "memory": peak_memory(device),
+        "torch_threads": torch.get_num_threads(),
     }
     (m.folder / "metrics.json").write_text(json.dumps(result, indent=2))
     with (m.folder / "history.csv").open("w", newline="") as f:

@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--low-memory", action="store_true", help="cached runs: sidecache train --low-memory"
     )
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="cached runs: torch threads, as sidecache train --threads (0: its default, half the "
+        "cores)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.worker:
         return worker(args.worker)
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, batch_size=args.batch_size, limit=args.limit,
         eval_limit=args.eval_limit, eval_split=args.eval_split, max_length=args.max_length,
         dtype=args.dtype, device=args.device, ram_budget_mb=args.ram_budget_mb,
-        pool_mb=args.pool_mb, low_memory=args.low_memory,
+        pool_mb=args.pool_mb, low_memory=args.low_memory, threads=args.threads,
     ))  # fmt: skip
     print(to_markdown(report))
     return 0

@@ -1,10 +1,11 @@
 """Lower-precision side networks: ``--sidenet read:precision=bfloat16``.
 
-The network runs under ``torch.autocast``: matrix products (linear layers, the RNN's projections)
-compute in bfloat16, while parameters, gradients, optimiser state, normalisation and the loss stay
-float32. On CPUs with bfloat16 matrix units (Intel AMX, ``amx_bf16`` in ``/proc/cpuinfo``) and on
-GPUs this cuts the cost of the products that dominate READ over every token; on other CPUs
-bfloat16 products are emulated and slower, which :func:`warn_if_slow` says once.
+The network runs under ``torch.autocast``: the ops autocast lowers (linear layers, matmul,
+attention) compute in bfloat16, while parameters, gradients, optimiser state and the loss stay
+float32 (on CPU, autocast leaves the GRU/LSTM cells in float32). On CPUs with bfloat16 matrix
+units (Intel AMX, ``amx_bf16`` in ``/proc/cpuinfo``) and on GPUs this cuts the cost of READ's
+per-token projections, most of its step; on other CPUs bfloat16 products are emulated and
+slower, which :func:`warn_if_slow` says once.
 
 On CPU, oneDNN builds (JIT-compiles) and keeps a bfloat16 kernel for every new matrix shape:
 ~40 ms and ~8 MB each (``benchmarks/precision.py``). A batch's row count varies from batch to
@@ -17,6 +18,7 @@ attention), so the real samples' outputs do not depend on them, and the shapes s
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -26,24 +28,24 @@ from pipeline.sidenets.base import SideBatch
 
 log = logging.getLogger(__name__)
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # named as --dtype names them
-_warned: set[str] = set()
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` has bfloat16 matrix units (CPU: AMX tiles or AVX-512 BF16)."""
-    if device.type != "cpu":
-        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+@functools.cache
+def native_bf16(device_type: str) -> bool:
+    """Whether the device has bfloat16 matrix units (CPU: AMX tiles or AVX-512 BF16)."""
+    if device_type != "cpu":
+        return device_type == "cuda" and torch.cuda.is_bf16_supported()
     cpu = getattr(torch, "cpu", None)
     return any(bool(getattr(cpu, probe, lambda: False)()) for probe in
                ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))  # fmt: skip
 
 
-def warn_if_slow(device: torch.device) -> None:
-    if device.type in _warned or native_bf16(device):
-        return
-    _warned.add(device.type)
-    log.warning("precision=bfloat16 on a %s without bfloat16 matrix units: the products are "
-                "emulated and likely slower than float32", device.type)  # fmt: skip
+@functools.cache
+def warn_if_slow(device_type: str) -> None:
+    """Once per device type: a warning when bfloat16 products would be emulated there."""
+    if not native_bf16(device_type):
+        log.warning("precision=bfloat16 on a %s without bfloat16 matrix units: the products are "
+                    "emulated and likely slower than float32", device_type)  # fmt: skip
 
 
 class Autocast(nn.Module):
@@ -56,9 +58,9 @@ class Autocast(nn.Module):
         self.net, self.dtype = net, dtype
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
-        device = batch.hidden.device
+        device = batch.hidden.device.type
         warn_if_slow(device)
-        with torch.autocast(device.type, dtype=self.dtype):
+        with torch.autocast(device, dtype=self.dtype):
             out = self.net(padded(batch))
         return out[: len(batch.lengths)].float()
 
