@@ -73,9 +73,8 @@ def encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def row_stats(x: torch.Tensor) -> torch.Tensor:
-    """``(R, D)`` -> ``(R, 4)``: sum, sum of squares, min, max per row (min and max in one pass)."""
-    low, high = torch.aminmax(x, dim=1)
-    return torch.stack([x.sum(1), (x * x).sum(1), low, high], dim=1)
+    """``(R, D)`` -> ``(R, 4)``: sum, sum of squares, min, max per row."""
+    return torch.stack([x.sum(1), (x * x).sum(1), x.amin(1), x.amax(1)], dim=1)
 
 
 def check_finite(stats: torch.Tensor, layer: int, batch: DeviceBatch, positions: str) -> None:
