@@ -225,8 +225,10 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
 
 
 def eval_batch_size(cfg: TrainConfig) -> int:
-    """Evaluation batches: consecutive samples in store order, this many at a time."""
-    return max(cfg.batch_size, 64)
+    """Evaluation batches: consecutive samples in store order, this many at a time. Under
+    ``--low-memory`` as many as a training batch: with 64, evaluating READ set the peak (MiniLM,
+    SST-2 dev: 154 vs 114 MB above the start, ``BENCHMARKS.md``)."""
+    return cfg.batch_size if cfg.low_memory else max(cfg.batch_size, 64)
 
 
 def checkpoint(m: Member, info: StoreInfo, identity: dict[str, Any], full: bool) -> dict[str, Any]:
