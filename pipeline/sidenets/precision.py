@@ -8,12 +8,13 @@ per-token projections, most of its step; on other CPUs bfloat16 products are emu
 slower, which :func:`warn_if_slow` says once.
 
 On CPU, oneDNN builds (JIT-compiles) and keeps a bfloat16 kernel for every new matrix shape:
-~40 ms and ~8 MB each (``benchmarks/precision.py``). A batch's row count varies from batch to
-batch, so unpadded every batch would pay that and memory would grow with every new count. The
-wrapper therefore rounds the row count up to :func:`bucket` rows with zero-filled pseudo-samples
-(each no longer than the batch's longest sample) and drops their outputs: every row and sample
-is computed independently by the side networks (per-row layers, per-sample pooling and
-attention), so the real samples' outputs do not depend on them, and the shapes stay few.
+~40 ms and ~8 MB each (BENCHMARKS.md, "Side networks in bfloat16"). A batch's row count varies
+from batch to batch, so unpadded every batch would pay that and memory would grow with every new
+count. The wrapper therefore rounds the row count up to :func:`bucket` rows with zero-filled
+pseudo-samples (each no longer than the batch's longest sample) and drops their outputs: every
+row and sample is computed independently by the side networks (per-row layers, per-sample
+pooling and attention), so the real samples' outputs do not depend on them, and the shapes stay
+few.
 """
 
 from __future__ import annotations
