@@ -118,6 +118,10 @@ def test_low_memory_and_streaming_train_identically(stores, tmp_path):
     lean = run_train(TrainConfig(out=str(tmp_path / "lean"), ram_budget_mb=0, low_memory=True,
                                  **base))["read"]  # fmt: skip
     assert lean["eval"] == ram["eval"] and lean["train_loss"] == ram["train_loss"]
+    # --low-memory evaluates in training-sized batches (recorded, so evaluate/predict follow)
+    sizes = {k: torch.load(tmp_path / k / "read" / "best.pt", weights_only=False)["eval_batch_size"]
+             for k in ("ram", "lean")}  # fmt: skip
+    assert sizes == {"ram": 64, "lean": 16}
 
 
 def test_training_resumes_after_an_interruption(stores, tmp_path, monkeypatch):
