@@ -28,7 +28,7 @@ every layer and token, ``--max-length 128``):
     epoch with ``read`` and ``linear``, batch 32, streaming (``ram_budget_mb=0``) with the default
     loader budget (``pool_mb`` 512), the same with ``low_memory``, streaming with ``pool_mb`` =
     ``--pool-small`` (64), or in RAM (budget 1 TiB), and reports its ``VmHWM`` and the most stored
-    bytes its loaders held (``held_peak``, from run_train's "loader memory" log record); the
+    bytes its loaders held (``held_peak``, from the ``loader_memory`` run_train returns); the
     parent also polls the child's RSS with psutil as a cross-check. Each row is the median of
     ``--repeats-c`` children (the peak varies with thread timing and what the allocator keeps).
     Stores: MiniLM (6 layers, 384 wide) and a 12-layer 768-wide BERT built from
@@ -102,24 +102,15 @@ print(json.dumps({"maxrss_kb": hwm(), "threads": torch.get_num_threads()}))
 TRAIN_CHILD = (
     HWM
     + """
-import json, logging, sys, time
+import json, sys, time
 import torch
 imported_torch = hwm()
 from pipeline.train import TrainConfig, run_train
 imported_all = hwm()
-held = []
-
-class Held(logging.Handler):
-    def emit(self, record):
-        if record.msg.startswith("loader memory"):
-            held.append(dict(zip(("loader", "held_peak", "pool_bytes", "held_bound"), record.args)))
-
-logging.getLogger("pipeline.train").addHandler(Held())
-logging.getLogger("pipeline.train").setLevel(logging.INFO)
 started = time.perf_counter()
 out = run_train(TrainConfig(**json.loads(sys.argv[1])))
 print(json.dumps({
-    "loaders": held,
+    "loaders": next(iter(out.values()))["loader_memory"],
     "maxrss_kb": hwm(),
     "after_torch_kb": imported_torch,
     "after_imports_kb": imported_all,

@@ -226,8 +226,8 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
 
 def eval_batch_size(cfg: TrainConfig) -> int:
     """Evaluation batches: consecutive samples in store order, this many at a time. Under
-    ``--low-memory`` as many as a training batch: with 64, evaluating READ set the peak (MiniLM,
-    SST-2 dev: 154 vs 114 MB above the start, ``BENCHMARKS.md``)."""
+    ``--low-memory`` as many as a training batch: with 64, evaluating READ set the peak (10
+    epochs on MiniLM SST-2 10k: 181 vs 122 MB above idle, BENCHMARKS.md "Session 5")."""
     return cfg.batch_size if cfg.low_memory else max(cfg.batch_size, 64)
 
 
@@ -317,7 +317,8 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], device: torch.device,
-                  finished: bool) -> dict[str, Any]:  # fmt: skip
+                  finished: bool, loaders: list[dict[str, Any]] | None = None,
+                  ) -> dict[str, Any]:  # fmt: skip
     m.folder.mkdir(parents=True, exist_ok=True)
     torch.save(checkpoint(m, info, identity, full=True), m.folder / "last.pt.tmp")
     (m.folder / "last.pt.tmp").replace(m.folder / "last.pt")
@@ -336,6 +337,8 @@ def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], device: 
         "memory": peak_memory(device),
         "torch_threads": torch.get_num_threads(),
     }
+    if loaders is not None:  # the streaming loaders' memory, once the run is over
+        result["loader_memory"] = loaders
     (m.folder / "metrics.json").write_text(json.dumps(result, indent=2))
     with (m.folder / "history.csv").open("w", newline="") as f:
         keys = sorted(m.history[0]["eval"]) if m.history else []
@@ -458,8 +461,12 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
             write_outputs(m, info, identity, device, finished=False)
         log.info("epoch %d: %s", epoch + 1, ", ".join(
             f"{m.name} {scores[m.name]['score']:.4f}" for m in active))  # fmt: skip
-    for which, ld in (("train", loader), ("eval", eval_loader)):
-        if not ld.in_ram:
-            log.info("loader memory (%s): held at most %d bytes of stored rows; budget %d, "
-                     "bound %d", which, ld.held_peak, ld.pool_bytes, ld.held_bound)  # fmt: skip
-    return {m.name: write_outputs(m, info, identity, device, finished=True) for m in members}
+    loaders = [
+        {"loader": which, "held_peak": ld.held_peak, "pool_bytes": ld.pool_bytes,
+         "held_bound": ld.held_bound}
+        for which, ld in (("train", loader), ("eval", eval_loader)) if not ld.in_ram
+    ]  # fmt: skip
+    for x in loaders:
+        log.info("loader memory (%(loader)s): held at most %(held_peak)d bytes of stored rows; "
+                 "budget %(pool_bytes)d, bound %(held_bound)d", x)  # fmt: skip
+    return {m.name: write_outputs(m, info, identity, device, True, loaders) for m in members}

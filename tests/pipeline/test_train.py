@@ -122,6 +122,11 @@ def test_low_memory_and_streaming_train_identically(stores, tmp_path):
     sizes = {k: torch.load(tmp_path / k / "read" / "best.pt", weights_only=False)["eval_batch_size"]
              for k in ("ram", "lean")}  # fmt: skip
     assert sizes == {"ram": 64, "lean": 16}
+    # streaming loaders report what they held; in RAM there is nothing to report
+    assert ram["loader_memory"] == []
+    held = {x["loader"]: x for x in lean["loader_memory"]}
+    assert set(held) == {"train", "eval"}
+    assert all(0 < x["held_peak"] <= x["held_bound"] for x in held.values())
 
 
 def test_training_resumes_after_an_interruption(stores, tmp_path, monkeypatch):
