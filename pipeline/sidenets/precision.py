@@ -7,8 +7,9 @@ units (Intel AMX, ``amx_bf16`` in ``/proc/cpuinfo``) and on GPUs this cuts the c
 per-token projections, most of its step; on other CPUs bfloat16 products are emulated and
 slower, which :func:`warn_if_slow` says once.
 
-On CPU, oneDNN builds (JIT-compiles) and keeps a bfloat16 kernel for every new matrix shape:
-~40 ms and ~8 MB each (BENCHMARKS.md, "Side networks in bfloat16"). A batch's row count varies
+On CPU, oneDNN builds (JIT-compiles) and keeps a bfloat16 kernel for every new matrix shape: for
+MiniLM-sized READ about 20 ms and 7 MB per new row count (``python -m benchmarks.precision
+--shapes``; BENCHMARKS.md, "Side networks in bfloat16"). A batch's row count varies
 from batch to batch, so unpadded every batch would pay that and memory would grow with every new
 count. The wrapper therefore rounds the row count up to :func:`bucket` rows with zero-filled
 pseudo-samples (each no longer than the batch's longest sample) and drops their outputs: every
