@@ -469,4 +469,7 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     for x in loaders:
         log.info("loader memory (%(loader)s): held at most %(held_peak)d bytes of stored rows; "
                  "budget %(pool_bytes)d, bound %(held_bound)d", x)  # fmt: skip
-    return {m.name: write_outputs(m, info, identity, device, True, loaders) for m in members}
+    return {
+        m.name: write_outputs(m, info, identity, device, finished=True, loaders=loaders)
+        for m in members
+    }
