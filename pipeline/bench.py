@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ConfigError
+from storage import parse_positions
 
 log = logging.getLogger(__name__)
 MB = 1e6
@@ -71,6 +72,8 @@ class BenchConfig:
     eval_split: str = "dev"
     max_length: int | None = 128
     dtype: str = "bfloat16"  # the store's dtype; online READ/LST round to it too
+    positions: str = "all"  # the stores' positions (first/last: single-position side networks)
+    chunk_mb: float = 4.0  # the stores' chunk size: the streaming loader's unit of decoding
     device: str = "auto"
     ram_budget_mb: int = 4096  # cached runs: stores up to this size are held in RAM
     pool_mb: int = 512  # cached runs: the loader's budget for stored rows (sidecache train)
@@ -140,6 +143,8 @@ def _job_cache(job: dict[str, Any]) -> dict[str, Any]:
                 split=split,
                 out=job["stores"][split],
                 dtype=cfg["dtype"],
+                positions=cfg.get("positions", "all"),
+                chunk_mb=cfg.get("chunk_mb", 4.0),
                 max_length=cfg["max_length"],
                 device=cfg["device"],
                 limit=limit,
@@ -312,6 +317,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     """Run every job, write ``bench.json``, ``bench.csv`` and ``bench.md`` under ``cfg.out``."""
     if cfg.epochs < 1 or not cfg.seeds or not cfg.methods:
         raise ConfigError("bench needs --epochs >= 1, at least one --seeds and one --methods")
+    parse_positions(cfg.positions)  # before any job runs
+    if cfg.chunk_mb <= 0:
+        raise ConfigError(f"--chunk-mb must be positive; found {cfg.chunk_mb}")
     root = Path(cfg.out)
     jobs = plan_jobs(cfg, root)
     log.info(
@@ -465,7 +473,9 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Backbone `{cfg['backbone']}`, data `{cfg['data']}` (train limit {cfg['limit']}, eval "
         f"`{cfg['eval_split']}` limit {cfg['eval_limit']}), {cfg['epochs']} epochs, batch "
-        f"{cfg['batch_size']}, max length {cfg['max_length']}, store dtype {cfg['dtype']}, "
+        f"{cfg['batch_size']}, max length {cfg['max_length']}, store dtype {cfg['dtype']}"
+        f"{', positions ' + cfg['positions'] if cfg.get('positions', 'all') != 'all' else ''}"
+        f"{', chunks of ' + _fmt(cfg['chunk_mb']) + ' MB' if cfg.get('chunk_mb', 4.0) != 4.0 else ''}, "
         f"seeds {cfg['seeds']}; cached runs: RAM budget {cfg['ram_budget_mb']} MB, pool "
         f"{cfg.get('pool_mb', 512)} MB{', --low-memory' if cfg.get('low_memory') else ''}"
         f"{', --threads ' + str(cfg['threads']) if cfg.get('threads') else ''}. "

@@ -69,6 +69,10 @@ class CacheConfig:
     columns: ColumnOptions = field(default_factory=ColumnOptions)
     token_budget: int = 4096
     max_batch: int = 256
+    # what one more batch costs the backbone, in padded token slots: batches are cut where slots
+    # plus this per batch are least (pipeline.tokens.PlanSettings.batch_cost). 64 measured best
+    # of 16/64/256 for MiniLM and a 12-layer BERT on this CPU (BENCHMARKS.md)
+    batch_cost: int = 64
     # samples are length-sorted within windows of this many stored MB, which stage one holds
     # in RAM until written: 1 GB keeps SST-2 padding near 2% (256 MB: 8%) for MiniLM
     window_mb: float = 1024.0
@@ -115,9 +119,11 @@ def plan_settings(
     row_bytes = bb.hidden_size * itemsize(cfg.dtype) * n_layers
     window_rows = max(1, int(cfg.window_mb * (1 << 20)) // row_bytes)
     if shard_rows is None:
-        return PlanSettings(cfg.token_budget, cfg.max_batch, int(window_rows))
+        return PlanSettings(cfg.token_budget, cfg.max_batch, int(window_rows),
+                            batch_cost=cfg.batch_cost)  # fmt: skip
     rows = aligned_window_rows(int(window_rows), shard_rows)
-    return PlanSettings(cfg.token_budget, cfg.max_batch, rows, aligned=True)
+    return PlanSettings(cfg.token_budget, cfg.max_batch, rows, aligned=True,
+                        batch_cost=cfg.batch_cost)  # fmt: skip
 
 
 def identity(
@@ -130,6 +136,7 @@ def identity(
         "extraction": {
             "token_budget": plan.token_budget,
             "max_batch": plan.max_batch,
+            "batch_cost": plan.batch_cost,
             "window_rows": plan.window_rows,
             "windows": "aligned" if plan.aligned else "chained",
             "device": bb.device.type,
@@ -149,6 +156,8 @@ def validate(cfg: CacheConfig) -> None:
         raise ConfigError(f"--max-length must be at least 2, found {cfg.max_length}")
     if cfg.token_budget < 1 or cfg.max_batch < 1:
         raise ConfigError("--token-budget and --max-batch must be positive")
+    if cfg.batch_cost < 0:
+        raise ConfigError(f"--batch-cost must be 0 or more token slots, found {cfg.batch_cost}")
     if parse_shard(cfg.shard) is not None and cfg.overwrite:
         raise ConfigError(
             "--overwrite cannot be combined with --shard (one worker would delete the others' "

@@ -1,6 +1,6 @@
 """Pre-tokenise a dataset and plan length-bucketed batches under a token budget.
 
-The plan is a pure function of the token lengths and three numbers, so stage one, a resumed
+The plan is a pure function of the token lengths and a few numbers (:class:`PlanSettings`), so stage one, a resumed
 stage one and ``sidecache verify`` all run exactly the same batches (same shapes, same padding),
 which is what makes stored values reproducible bit for bit.
 """
@@ -101,7 +101,7 @@ def _count_truncated(
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """The three numbers that, with the token lengths, fix every batch."""
+    """The numbers that, with the token lengths, fix every batch."""
 
     token_budget: int = 4096  # max padded tokens (batch size x longest sample) per batch
     max_batch: int = 256  # max samples per batch
@@ -110,6 +110,11 @@ class PlanSettings:
     # in) rather than starting where the previous one ended: with window_rows a multiple of the
     # shard size, every window is whole shards, so shard workers can split the plan by window
     aligned: bool = False
+    # None: fill each batch up to the budget (stores written before this setting existed).
+    # A number: cut each sorted window where the padded slots plus this many slots per batch
+    # (what one more batch costs the backbone) are least in total. On small datasets the filled
+    # batches span wide length ranges: a 500-sentence SST-2 store had 37% padding, 7% this way.
+    batch_cost: int | None = None
 
     @classmethod
     def from_extraction(cls, ex: dict[str, Any]) -> PlanSettings:
@@ -119,6 +124,7 @@ class PlanSettings:
             int(ex["max_batch"]),
             int(ex["window_rows"]),
             aligned=ex.get("windows") == "aligned",  # absent in stores written before --shard
+            batch_cost=None if ex.get("batch_cost") is None else int(ex["batch_cost"]),
         )
 
 
@@ -149,6 +155,8 @@ def plan_batches(
 
 
 def _cut(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings) -> list[np.ndarray]:
+    if settings.batch_cost is not None:
+        return _cut_cheapest(order, lengths, settings, settings.batch_cost)
     out: list[np.ndarray] = []
     begin = 0
     for i in range(len(order)):
@@ -160,6 +168,32 @@ def _cut(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings) -> list
             begin = i
     out.append(order[begin:])
     return out
+
+
+def _cut_cheapest(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings, per_batch: int,
+                  ) -> list[np.ndarray]:  # fmt: skip
+    """Cut the length-sorted ``order`` into consecutive batches of least total cost, where a batch
+    costs ``per_batch`` plus its padded slots (size x longest), under the budget and batch cap.
+
+    Dynamic programme over batch ends: ``best[i]`` is the cost of the first ``i`` samples; the
+    batch ending at ``i`` has its longest sample last. Ties go to the earliest start (the bigger
+    batch), so the plan is deterministic."""
+    sorted_lengths = lengths[order].astype(np.int64)
+    n = len(order)
+    best = np.zeros(n + 1, dtype=np.int64)
+    start = np.zeros(n + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        longest = int(sorted_lengths[i - 1])
+        size = min(settings.max_batch, max(1, settings.token_budget // max(1, longest)), i)
+        firsts = np.arange(i - size, i)
+        cost = best[firsts] + (i - firsts) * longest
+        k = int(np.argmin(cost))
+        best[i], start[i] = cost[k] + per_batch, firsts[k]
+    ends = [n]
+    while ends[-1] > 0:
+        ends.append(int(start[ends[-1]]))
+    ends.reverse()
+    return [order[a:b] for a, b in zip(ends[:-1], ends[1:], strict=False)]
 
 
 def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray) -> float:

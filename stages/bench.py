@@ -37,6 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-split", default="dev")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", help="store dtype (online READ/LST round to it)")
+    p.add_argument(
+        "--positions", default="all",
+        help="the stores' positions: all, or first/last when every cached method reads only that "
+        "one (a leaner store; online methods are unaffected)",
+    )  # fmt: skip
+    p.add_argument(
+        "--chunk-mb", type=float, default=4.0,
+        help="the stores' chunk size; a streaming loader decodes whole chunks of every layer",
+    )  # fmt: skip
     p.add_argument("--device", default="auto")
     p.add_argument(
         "--ram-budget-mb",
@@ -65,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         backbone=args.backbone, data=args.data, out=args.out, methods=methods, seeds=args.seeds,
         epochs=args.epochs, batch_size=args.batch_size, limit=args.limit,
         eval_limit=args.eval_limit, eval_split=args.eval_split, max_length=args.max_length,
-        dtype=args.dtype, device=args.device, ram_budget_mb=args.ram_budget_mb,
+        dtype=args.dtype, positions=args.positions, chunk_mb=args.chunk_mb,
+        device=args.device, ram_budget_mb=args.ram_budget_mb,
         pool_mb=args.pool_mb, low_memory=args.low_memory, threads=args.threads,
     ))  # fmt: skip
     print(to_markdown(report))

@@ -59,6 +59,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--max-batch", type=int, default=256, help="samples per batch at most")
     p.add_argument(
+        "--batch-cost", type=int, default=64,
+        help="what one more batch costs, in padded token slots: batches are cut where padding "
+        "plus this per batch is least",
+    )  # fmt: skip
+    p.add_argument(
         "--window-mb",
         type=float,
         default=1024.0,
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         columns=ColumnOptions(args.text_column, args.text_pair_column, args.label_column),
         token_budget=args.token_budget,
         max_batch=args.max_batch,
+        batch_cost=args.batch_cost,
         window_mb=args.window_mb,
         writer_threads=args.writer_threads,
         chunk_mb=args.chunk_mb,

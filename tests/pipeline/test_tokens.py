@@ -8,11 +8,13 @@ import pytest
 from pipeline.tokens import PlanSettings, padding_fraction, plan_batches
 
 
+@pytest.mark.parametrize("batch_cost", [None, 0, 64])
 @pytest.mark.parametrize("window_rows", [1, 50, 10_000])
-def test_plan_covers_every_sample_once_within_budget(window_rows):
+def test_plan_covers_every_sample_once_within_budget(window_rows, batch_cost):
     rng = np.random.default_rng(0)
     lengths = rng.integers(3, 60, size=2000)
-    settings = PlanSettings(token_budget=512, max_batch=32, window_rows=window_rows)
+    settings = PlanSettings(token_budget=512, max_batch=32, window_rows=window_rows,
+                            batch_cost=batch_cost)  # fmt: skip
     batches = plan_batches(lengths, lengths, settings)
     seen = np.concatenate(batches)
     assert np.array_equal(np.sort(seen), np.arange(len(lengths)))
@@ -40,7 +42,62 @@ def test_windows_are_consecutive_and_sorting_cuts_padding():
         covered |= set(b.tolist())
 
 
-def test_oversized_sample_gets_its_own_batch():
+@pytest.mark.parametrize("batch_cost", [None, 64])
+def test_oversized_sample_gets_its_own_batch(batch_cost):
     lengths = np.array([5, 900, 5])
-    batches = plan_batches(lengths, lengths, PlanSettings(512, 8, 100))
+    batches = plan_batches(lengths, lengths, PlanSettings(512, 8, 100, batch_cost=batch_cost))
     assert [1] in [b.tolist() for b in batches]
+
+
+def _cost(batches: list[np.ndarray], lengths: np.ndarray, per_batch: int) -> int:
+    return sum(per_batch + len(b) * int(lengths[b].max()) for b in batches)
+
+
+def _cheapest_by_search(lengths: np.ndarray, budget: int, cap: int, per_batch: int) -> int:
+    """Least cost over every way of cutting the sorted lengths, by exhaustive recursion."""
+    s = np.sort(lengths)
+
+    def best(i: int) -> int:
+        if i == len(s):
+            return 0
+        options = []
+        for j in range(i + 1, len(s) + 1):
+            size = j - i
+            if size > 1 and (size > cap or size * s[j - 1] > budget):
+                break
+            options.append(per_batch + size * int(s[j - 1]) + best(j))
+        return min(options)
+
+    return best(0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_cost_plan_is_the_cheapest_cut(seed):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(2, 40, size=11)
+    per_batch = int(rng.choice([0, 8, 64]))
+    settings = PlanSettings(120, 5, 10_000, batch_cost=per_batch)
+    batches = plan_batches(lengths, lengths, settings)
+    assert _cost(batches, lengths, per_batch) == _cheapest_by_search(lengths, 120, 5, per_batch)
+    greedy = plan_batches(lengths, lengths, PlanSettings(120, 5, 10_000))
+    assert _cost(batches, lengths, per_batch) <= _cost(greedy, lengths, per_batch)
+
+
+def test_batch_cost_cuts_padding_of_a_small_dataset():
+    """500 samples fill only a few budget-sized batches, each spanning a wide length range."""
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(4, 40, size=500)
+    greedy = plan_batches(lengths, lengths, PlanSettings(4096, 256, 1 << 20))
+    costed = plan_batches(lengths, lengths, PlanSettings(4096, 256, 1 << 20, batch_cost=64))
+    assert padding_fraction(greedy, lengths) > 0.2
+    assert padding_fraction(costed, lengths) < 0.1
+    assert _cost(costed, lengths, 64) < _cost(greedy, lengths, 64)
+
+
+def test_plan_settings_round_trip_through_the_recorded_extraction():
+    settings = PlanSettings(4096, 256, 1000, aligned=True, batch_cost=64)
+    ex = {"token_budget": 4096, "max_batch": 256, "window_rows": 1000, "windows": "aligned",
+          "batch_cost": 64}  # fmt: skip
+    assert PlanSettings.from_extraction(ex) == settings
+    del ex["batch_cost"]  # a store written before the setting: the budget-filling cut
+    assert PlanSettings.from_extraction(ex).batch_cost is None
