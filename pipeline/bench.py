@@ -468,14 +468,23 @@ def _fmt(x: Any, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
+def store_extras(cfg: dict[str, Any]) -> str:
+    """The stores' layout where it is not stage one's default (older reports lack the keys)."""
+    out = ""
+    if cfg.get("positions", "all") != "all":
+        out += f", positions {cfg['positions']}"
+    if cfg.get("chunk_mb", 4.0) != 4.0:
+        out += f", chunks of {_fmt(cfg['chunk_mb'])} MB"
+    return out
+
+
 def to_markdown(report: dict[str, Any]) -> str:
     cfg, env = report["config"], report["environment"]
     lines = [
         f"Backbone `{cfg['backbone']}`, data `{cfg['data']}` (train limit {cfg['limit']}, eval "
         f"`{cfg['eval_split']}` limit {cfg['eval_limit']}), {cfg['epochs']} epochs, batch "
         f"{cfg['batch_size']}, max length {cfg['max_length']}, store dtype {cfg['dtype']}"
-        f"{', positions ' + cfg['positions'] if cfg.get('positions', 'all') != 'all' else ''}"
-        f"{', chunks of ' + _fmt(cfg['chunk_mb']) + ' MB' if cfg.get('chunk_mb', 4.0) != 4.0 else ''}, "
+        f"{store_extras(cfg)}, "
         f"seeds {cfg['seeds']}; cached runs: RAM budget {cfg['ram_budget_mb']} MB, pool "
         f"{cfg.get('pool_mb', 512)} MB{', --low-memory' if cfg.get('low_memory') else ''}"
         f"{', --threads ' + str(cfg['threads']) if cfg.get('threads') else ''}. "

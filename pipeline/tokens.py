@@ -1,12 +1,13 @@
 """Pre-tokenise a dataset and plan length-bucketed batches under a token budget.
 
-The plan is a pure function of the token lengths and a few numbers (:class:`PlanSettings`), so stage one, a resumed
-stage one and ``sidecache verify`` all run exactly the same batches (same shapes, same padding),
-which is what makes stored values reproducible bit for bit.
+The plan is a pure function of the token lengths and a few numbers (:class:`PlanSettings`), so
+stage one, a resumed stage one and ``sidecache verify`` all run exactly the same batches (same
+shapes, same padding), which is what makes stored values reproducible bit for bit.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,7 @@ def _cut_cheapest(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings
     while ends[-1] > 0:
         ends.append(int(start[ends[-1]]))
     ends.reverse()
-    return [order[a:b] for a, b in zip(ends[:-1], ends[1:], strict=False)]
+    return [order[a:b] for a, b in itertools.pairwise(ends)]
 
 
 def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray) -> float:
