@@ -26,7 +26,14 @@ from pipeline.errors import ConfigError
 from pipeline.extract import extract_rows, make_batch
 from pipeline.prune import lst_prune
 from pipeline.shards import aligned_window_rows, n_windows, owned_shards, parse_shard
-from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
+from pipeline.tokens import (
+    BATCH_COST,
+    PlanSettings,
+    Tokenized,
+    padding_fraction,
+    plan_batches,
+    tokenize,
+)
 from storage import (
     WHOLE,
     Layout,
@@ -70,11 +77,10 @@ class CacheConfig:
     token_budget: int = 4096
     max_batch: int = 256
     # what one more batch costs the backbone, in padded token slots: batches are cut where slots
-    # plus this per batch are least (pipeline.tokens.PlanSettings.batch_cost). 64 measured best
-    # of 16/64/256 for MiniLM and a 12-layer BERT on this CPU (BENCHMARKS.md)
-    batch_cost: int = 64
+    # plus this per batch are least (pipeline.tokens.PlanSettings.batch_cost)
+    batch_cost: int = BATCH_COST
     # samples are length-sorted within windows of this many stored MB, which stage one holds
-    # in RAM until written: 1 GB keeps SST-2 padding near 2% (256 MB: 8%) for MiniLM
+    # in RAM until written: 1 GB keeps SST-2 padding at 0.3% (256 MB: 1.1%) for MiniLM
     window_mb: float = 1024.0
     chunk_mb: float = 4.0
     shard_chunks: int = 8

@@ -18,6 +18,9 @@ from pipeline.data import TextData
 from pipeline.errors import DataSpecError
 
 log = logging.getLogger(__name__)
+# what one more backbone batch costs, in padded token slots, for the cheapest-cut plan: 64 was the
+# fastest of 16/64/256 for MiniLM and a 12-layer BERT on this CPU (BENCHMARKS.md, "Batch plan")
+BATCH_COST = 64
 
 
 @dataclass

@@ -9,6 +9,7 @@ import logging
 from pipeline.backbone import DEFAULT_BACKBONE
 from pipeline.cache import CacheConfig, run_cache
 from pipeline.data import ColumnOptions
+from pipeline.tokens import BATCH_COST
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--max-batch", type=int, default=256, help="samples per batch at most")
     p.add_argument(
-        "--batch-cost", type=int, default=64,
+        "--batch-cost", type=int, default=BATCH_COST,
         help="what one more batch costs, in padded token slots: batches are cut where padding "
         "plus this per batch is least",
     )  # fmt: skip

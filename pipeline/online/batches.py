@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.extract import DeviceBatch, make_batch
-from pipeline.tokens import PlanSettings, Tokenized, plan_batches
+from pipeline.tokens import BATCH_COST, PlanSettings, Tokenized, plan_batches
 
 
 @dataclass
@@ -57,5 +57,6 @@ def grouped_order(
 
 
 def eval_plan(lengths: np.ndarray, token_budget: int = 4096) -> list[np.ndarray]:
-    """Evaluation batches: length-sorted under a padded-token budget, as in stage one."""
-    return plan_batches(lengths, lengths, PlanSettings(token_budget, 256, int(lengths.sum()) + 1))
+    """Evaluation batches: length-sorted under a padded-token budget, cut as in stage one."""
+    settings = PlanSettings(token_budget, 256, int(lengths.sum()) + 1, batch_cost=BATCH_COST)
+    return plan_batches(lengths, lengths, settings)
