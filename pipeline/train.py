@@ -213,7 +213,7 @@ def schedule(total: int, warmup: float) -> Any:
 
 
 def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: TrainConfig,
-                device: torch.device) -> Member:  # fmt: skip
+                device: torch.device, eval_batch: int | None = None) -> Member:  # fmt: skip
     seed = spec.train.seed or cfg.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -221,14 +221,25 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
         rng = torch.get_rng_state()
     optim = AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     sched = WarmupDecay(optim, schedule(total, spec.train.warmup))
-    return Member(name, spec, model, optim, sched, rng, Path(cfg.out) / name, eval_batch_size(cfg))
+    folder = Path(cfg.out) / name
+    return Member(name, spec, model, optim, sched, rng, folder, eval_batch or eval_batch_size(cfg))
 
 
-def eval_batch_size(cfg: TrainConfig) -> int:
-    """Evaluation batches: consecutive samples in store order, this many at a time. Under
-    ``--low-memory`` as many as a training batch: with 64, evaluating READ set the peak (10
-    epochs on MiniLM SST-2 10k: 181 vs 122 MB above idle, BENCHMARKS.md "Session 5")."""
-    return cfg.batch_size if cfg.low_memory else max(cfg.batch_size, 64)
+def eval_batch_size(cfg: TrainConfig, train: StoreReader | None = None,
+                    evaluation: StoreReader | None = None) -> int:  # fmt: skip
+    """Evaluation batches: consecutive samples in store order, this many at a time.
+
+    Under ``--low-memory``, batches of about a training batch's stored rows: ``--batch-size``
+    scaled by the stores' rows per sample, when the evaluation samples are longer (SST-2's dev
+    sentences are twice as long as its training sentences: 17 per batch instead of 32). With 64,
+    then 32 per batch, evaluating READ set the peak (BENCHMARKS.md, sessions 5 and 6)."""
+    if not cfg.low_memory:
+        return max(cfg.batch_size, 64)
+    if train is None or evaluation is None:
+        return cfg.batch_size
+    per_train = train.layout.n_rows / max(1, train.layout.n_samples)
+    per_eval = evaluation.layout.n_rows / max(1, evaluation.layout.n_samples)
+    return max(1, min(cfg.batch_size, round(cfg.batch_size * per_train / max(per_eval, 1e-9))))
 
 
 def checkpoint(m: Member, info: StoreInfo, identity: dict[str, Any], full: bool) -> dict[str, Any]:
@@ -437,10 +448,12 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         "prefetch": 1 if cfg.low_memory else 4,
     }
     loader = StoreLoader(train_reader, cfg.batch_size, shuffle=True, seed=cfg.seed, **memory)
-    eval_loader = StoreLoader(eval_reader, eval_batch_size(cfg), shuffle=False, **memory)
+    eval_batch = eval_batch_size(cfg, train_reader, eval_reader)
+    eval_loader = StoreLoader(eval_reader, eval_batch, shuffle=False, **memory)
     total = cfg.epochs * len(loader)
     members = [
-        make_member(n, s, info, total, cfg, device) for n, s in zip(names, specs, strict=True)
+        make_member(n, s, info, total, cfg, device, eval_batch)
+        for n, s in zip(names, specs, strict=True)
     ]
     for m in members:
         resume(m, identity)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -118,15 +119,34 @@ def test_low_memory_and_streaming_train_identically(stores, tmp_path):
     lean = run_train(TrainConfig(out=str(tmp_path / "lean"), ram_budget_mb=0, low_memory=True,
                                  **base))["read"]  # fmt: skip
     assert lean["eval"] == ram["eval"] and lean["train_loss"] == ram["train_loss"]
-    # --low-memory evaluates in training-sized batches (recorded, so evaluate/predict follow)
+    # --low-memory evaluates in batches of about a training batch's rows (recorded, so
+    # evaluate/predict follow)
     sizes = {k: torch.load(tmp_path / k / "read" / "best.pt", weights_only=False)["eval_batch_size"]
              for k in ("ram", "lean")}  # fmt: skip
-    assert sizes == {"ram": 64, "lean": 16}
+    train, dev = open_store(stores["train-all"]).layout, open_store(stores["dev-all"]).layout
+    per_train, per_dev = train.n_rows / train.n_samples, dev.n_rows / dev.n_samples
+    assert sizes == {"ram": 64, "lean": max(1, min(16, round(16 * per_train / per_dev)))}
     # streaming loaders report what they held; in RAM there is nothing to report
     assert ram["loader_memory"] == []
     held = {x["loader"]: x for x in lean["loader_memory"]}
     assert set(held) == {"train", "eval"}
     assert all(0 < x["held_peak"] <= x["held_bound"] for x in held.values())
+
+
+def test_low_memory_eval_batches_match_training_rows(stores):
+    """Longer evaluation samples get proportionally fewer per batch; shorter ones never more
+    than a training batch; outside --low-memory the batch is at least 64."""
+    from pipeline.train import eval_batch_size
+
+    one, every = open_store(stores["train-first"]), open_store(stores["train-all"])  # 1 vs n rows
+    rows = every.layout.n_rows / every.layout.n_samples
+    assert rows > 4  # every sample has several tokens, so the two stores differ
+    cfg = TrainConfig(train="", eval="", specs=["read"], epochs=1, out="", batch_size=32,
+                      low_memory=True)  # fmt: skip
+    assert eval_batch_size(cfg, one, every) == max(1, round(32 / rows))
+    assert eval_batch_size(cfg, every, one) == 32
+    assert eval_batch_size(cfg, every, every) == 32
+    assert eval_batch_size(dataclasses.replace(cfg, low_memory=False), one, every) == 64
 
 
 def test_training_resumes_after_an_interruption(stores, tmp_path, monkeypatch):
