@@ -11,7 +11,7 @@ time and its ratio to the budget-filling cut.
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.batch_plan --limit 500 --repeats 3                  # MiniLM
-    .venv/bin/python -m benchmarks.batch_plan --backbone /tmp/bert768 --limit 500 --repeats 3
+    .venv/bin/python -m benchmarks.batch_plan --bert /tmp/bert768 --limit 500 --repeats 3
     .venv/bin/python -m benchmarks.batch_plan --limit 10000 --repeats 3 --costs 16,64,256
 """
 
@@ -23,11 +23,13 @@ import json
 import logging
 import statistics
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.stage_one import forward_pass, prepare, wait_for_idle, warm_up
+from benchmarks.stage_two import build_bert
 from pipeline.cache import CacheConfig
 from pipeline.tokens import padding_fraction, plan_batches
 
@@ -38,6 +40,8 @@ GREEDY = "fill the budget"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--backbone", default="minilm")
+    p.add_argument("--bert", help="instead: a 12-layer 768-wide random BERT, built in this folder "
+                   "if absent (benchmarks.stage_two.build_bert)")  # fmt: skip
     p.add_argument("--data", default="glue:../shared/data/glue/SST-2")
     p.add_argument("--split", default="train")
     p.add_argument("--limit", type=int, default=500, help="first N samples")
@@ -52,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.bert:
+        args.backbone = str(build_bert(Path(args.bert)))
     cfg = CacheConfig(backbone=args.backbone, data=args.data, split=args.split, out="",
                       limit=args.limit, max_length=args.max_length)  # fmt: skip
     prep = prepare(cfg)  # the plan stage one would use, under the default --batch-cost

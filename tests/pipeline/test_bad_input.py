@@ -142,6 +142,12 @@ CASES = [
         "--layers must be",
     ),
     Case(
+        "negative batch cost",
+        lambda t, e: cache(e, t / "o", "--batch-cost", "-5"),
+        "ConfigError",
+        "--batch-cost must be 0 or more",
+    ),
+    Case(
         "unknown dtype",
         lambda t, e: cache(e, t / "o", "--dtype", "float8"),
         "ConfigError",
