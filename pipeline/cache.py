@@ -77,8 +77,9 @@ class CacheConfig:
     token_budget: int = 4096
     max_batch: int = 256
     # what one more batch costs the backbone, in padded token slots: batches are cut where slots
-    # plus this per batch are least (pipeline.tokens.PlanSettings.batch_cost)
-    batch_cost: int = BATCH_COST
+    # plus this per batch are least (pipeline.tokens.PlanSettings.batch_cost); None: fill each
+    # batch to the budget, as stores written before this setting (to resume one of those)
+    batch_cost: int | None = BATCH_COST
     # samples are length-sorted within windows of this many stored MB, which stage one holds
     # in RAM until written: 1 GB keeps SST-2 padding at 0.3% (256 MB: 1.1%) for MiniLM
     window_mb: float = 1024.0
@@ -162,7 +163,7 @@ def validate(cfg: CacheConfig) -> None:
         raise ConfigError(f"--max-length must be at least 2, found {cfg.max_length}")
     if cfg.token_budget < 1 or cfg.max_batch < 1:
         raise ConfigError("--token-budget and --max-batch must be positive")
-    if cfg.batch_cost < 0:
+    if cfg.batch_cost is not None and cfg.batch_cost < 0:
         raise ConfigError(f"--batch-cost must be 0 or more token slots, found {cfg.batch_cost}")
     if parse_shard(cfg.shard) is not None and cfg.overwrite:
         raise ConfigError(

@@ -14,6 +14,18 @@ from pipeline.tokens import BATCH_COST
 log = logging.getLogger(__name__)
 
 
+def _batch_cost(text: str) -> int | None:
+    """``--batch-cost``: a number of token slots, or ``fill`` for the budget-filling cut."""
+    if text == "fill":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of token slots or 'fill'; found {text!r}"
+        ) from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sidecache cache",
@@ -60,9 +72,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token-budget", type=int, default=4096, help="padded tokens per batch")
     p.add_argument("--max-batch", type=int, default=256, help="samples per batch at most")
     p.add_argument(
-        "--batch-cost", type=int, default=BATCH_COST,
+        "--batch-cost", type=_batch_cost, default=BATCH_COST,
         help="what one more batch costs, in padded token slots: batches are cut where padding "
-        "plus this per batch is least",
+        "plus this per batch is least; 'fill' fills each batch to the budget, as stores written "
+        "before this flag did (to resume one of those)",
     )  # fmt: skip
     p.add_argument(
         "--window-mb",

@@ -155,6 +155,47 @@ def test_resume_after_an_exception_mid_run_gives_the_same_store(
     assert_same_store(tmp_path / "ref", tmp_path / "cut")
 
 
+def test_a_store_from_before_batch_cost_resumes_with_fill(
+    model_dir, glue_dir, tmp_path, monkeypatch
+):
+    """An interrupted store written before ``--batch-cost`` existed (budget-filling cut, no key in
+    its metadata) is refused under the new default, naming the setting, and resumes with
+    ``--batch-cost fill`` into the same store as an uninterrupted budget-filling run."""
+    import json
+
+    from storage import StoreExistsError
+
+    model, data = model_dir("bert"), f"glue:{glue_dir}"
+    old = dict(token_budget=64, window_mb=0.05, batch_cost=None)
+    small_cache(model, data, tmp_path / "ref", **old)
+    real = cache_mod.extract_rows
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 25:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "extract_rows", failing)
+    with pytest.raises(RuntimeError, match="injected"):
+        small_cache(model, data, tmp_path / "cut", **old)
+    monkeypatch.setattr(cache_mod, "extract_rows", real)
+    meta_file = tmp_path / "cut" / "zarr.json"  # as the older version wrote it: no such key
+    doc = json.loads(meta_file.read_text())
+    del doc["attributes"]["sidecache"]["identity"]["extraction"]["batch_cost"]
+    meta_file.write_text(json.dumps(doc))
+    with pytest.raises(StoreExistsError, match="batch_cost: existing None, new 64"):
+        small_cache(model, data, tmp_path / "cut", token_budget=64, window_mb=0.05)
+    small_cache(model, data, tmp_path / "cut", **old)
+    ref, cut = store_arrays(tmp_path / "ref"), store_arrays(tmp_path / "cut")
+    assert sorted(ref) == sorted(cut)
+    for key in ref:
+        assert np.array_equal(ref[key], cut[key], equal_nan=True), key
+    ma, mb = open_store(tmp_path / "ref").meta, open_store(tmp_path / "cut").meta
+    assert mb["complete"] and ma["stats"] == mb["stats"] and ma["layout"] == mb["layout"]
+
+
 def test_rerunning_a_complete_store_does_nothing(model_dir, glue_dir, tmp_path, monkeypatch):
     model = model_dir("bert")
     small_cache(model, f"glue:{glue_dir}", tmp_path / "s")
