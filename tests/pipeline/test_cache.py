@@ -128,22 +128,28 @@ def assert_same_store(a: Path, b: Path) -> None:
         assert ma[key] == mb[key], key
 
 
+def fail_at_batch(monkeypatch: pytest.MonkeyPatch, n: int) -> Any:
+    """Make stage one raise at its ``n``-th batch; returns the real ``extract_rows``."""
+    real = cache_mod.extract_rows
+    calls = {"n": 0}
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cache_mod, "extract_rows", failing)
+    return real
+
+
 def test_resume_after_an_exception_mid_run_gives_the_same_store(
     model_dir, glue_dir, tmp_path, monkeypatch
 ):
     model = model_dir("bert")
     data = f"glue:{glue_dir}"
     small_cache(model, data, tmp_path / "ref", token_budget=64, window_mb=0.05)
-    real = cache_mod.extract_rows
-    calls = {"n": 0}
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise RuntimeError("injected failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_mod, "extract_rows", failing)
+    real = fail_at_batch(monkeypatch, 25)
     with pytest.raises(RuntimeError, match="injected"):
         small_cache(model, data, tmp_path / "cut", token_budget=64, window_mb=0.05)
     partial = open_store(tmp_path / "cut", allow_incomplete=True)
@@ -168,16 +174,7 @@ def test_a_store_from_before_batch_cost_resumes_with_fill(
     model, data = model_dir("bert"), f"glue:{glue_dir}"
     old = dict(token_budget=64, window_mb=0.05, batch_cost=None)
     small_cache(model, data, tmp_path / "ref", **old)
-    real = cache_mod.extract_rows
-    calls = {"n": 0}
-
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 25:
-            raise RuntimeError("injected failure")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cache_mod, "extract_rows", failing)
+    real = fail_at_batch(monkeypatch, 25)
     with pytest.raises(RuntimeError, match="injected"):
         small_cache(model, data, tmp_path / "cut", **old)
     monkeypatch.setattr(cache_mod, "extract_rows", real)
