@@ -160,7 +160,7 @@ def plan_batches(
 
 def _cut(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings) -> list[np.ndarray]:
     if settings.batch_cost is not None:
-        return _cut_cheapest(order, lengths, settings, settings.batch_cost)
+        return _cut_cheapest(order, lengths, settings)
     out: list[np.ndarray] = []
     begin = 0
     for i in range(len(order)):
@@ -174,14 +174,16 @@ def _cut(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings) -> list
     return out
 
 
-def _cut_cheapest(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings, per_batch: int,
+def _cut_cheapest(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings,
                   ) -> list[np.ndarray]:  # fmt: skip
     """Cut the length-sorted ``order`` into consecutive batches of least total cost, where a batch
-    costs ``per_batch`` plus its padded slots (size x longest), under the budget and batch cap.
+    costs ``settings.batch_cost`` plus its padded slots (size x longest), under the budget and
+    batch cap.
 
     Dynamic programme over batch ends: ``best[i]`` is the cost of the first ``i`` samples; the
     batch ending at ``i`` has its longest sample last. Ties go to the earliest start (the bigger
     batch), so the plan is deterministic."""
+    per_batch = int(settings.batch_cost or 0)
     sorted_lengths = lengths[order].astype(np.int64)
     n = len(order)
     best = np.zeros(n + 1, dtype=np.int64)

@@ -221,8 +221,9 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
         rng = torch.get_rng_state()
     optim = AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     sched = WarmupDecay(optim, schedule(total, spec.train.warmup))
-    folder = Path(cfg.out) / name
-    return Member(name, spec, model, optim, sched, rng, folder, eval_batch or eval_batch_size(cfg))
+    if eval_batch is None:  # callers without stores: the size that needs none
+        eval_batch = eval_batch_size(cfg)
+    return Member(name, spec, model, optim, sched, rng, Path(cfg.out) / name, eval_batch)
 
 
 def eval_batch_size(cfg: TrainConfig, train: StoreReader | None = None,
