@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 import pipeline.train as train_mod
-from pipeline.sidenets import SideBatch, StoreInfo, build, loss_fn, parse_spec
+from pipeline.sidenets import SideBatch, StoreInfo, parse_spec
 
 
 def status() -> dict[str, float]:
@@ -83,14 +83,12 @@ def step(args: argparse.Namespace) -> None:
     rows = int(lengths.sum())
     batch = SideBatch(torch.randn(rows, 7, 384), lengths,
                       torch.randint(0, 2, (args.samples,)), torch.arange(args.samples))  # fmt: skip
-    net = build(parse_spec(args.spec), info)
-    optim = train_mod.AdamW(net.parameters(), lr=1e-3)
+    cfg = train_mod.TrainConfig(train="", eval="", specs=[], epochs=1, out="/unused",
+                                micro_rows=args.micro_rows)  # fmt: skip
+    member = train_mod.make_member("m", parse_spec(args.spec), info, 100, cfg, torch.device("cpu"))
 
     def one() -> None:
-        loss = loss_fn(info, net(batch).float(), batch.labels)
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+        train_mod.train_step(member, batch, info)
 
     for _ in range(3):
         one()
@@ -101,7 +99,9 @@ def step(args: argparse.Namespace) -> None:
             one()
     held = s.peaks["steps"]["RssAnon"] - base
     mb = batch.hidden.numel() * 4 / (1 << 20)
-    print(f"{args.spec}: {rows} rows ({args.samples} x {args.tokens} tokens), batch {mb:.1f} MB; "
+    groups = f", --micro-rows {args.micro_rows}" if args.micro_rows else ""
+    print(f"{args.spec}{groups}: {rows} rows ({args.samples} x {args.tokens} tokens), batch "
+          f"{mb:.1f} MB; "
           f"a training step holds {held:.1f} MB above the level between steps "
           f"({held / mb:.1f}x the batch)")  # fmt: skip
 
@@ -133,11 +133,13 @@ def replay(args: argparse.Namespace) -> None:
         train_mod.run_train(train_mod.TrainConfig(
             train=args.train, eval=args.eval, specs=[args.spec], epochs=args.epochs, out=out,
             ram_budget_mb=0, pool_mb=args.pool_mb, low_memory=True, progress=False,
+            micro_rows=args.micro_rows,
         ))  # fmt: skip
         sampler.phase = "end"
         time.sleep(0.05)
     print(
-        f"{args.spec}, {args.epochs} epochs, --pool-mb {args.pool_mb} --low-memory; "
+        f"{args.spec}, {args.epochs} epochs, --pool-mb {args.pool_mb} --low-memory"
+        f"{f' --micro-rows {args.micro_rows}' if args.micro_rows else ''}; "
         f"start {start['VmRSS']:.0f} MB resident"
     )
     print("\n| phase | peak MB above start | anonymous | file-backed |")
@@ -157,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--samples", type=int, default=32)
     s.add_argument("--tokens", type=int, default=13, help="tokens per sample (SST-2 train: 13)")
     s.add_argument("--spec", default="read")
+    s.add_argument("--micro-rows", type=int, default=0)
     r = sub.add_parser("replay", help="run_train on two stores, lean setup")
     r.add_argument("--train", required=True)
     r.add_argument("--eval", required=True)
     r.add_argument("--spec", default="read:lr=1e-3")
     r.add_argument("--epochs", type=int, default=3)
     r.add_argument("--pool-mb", type=int, default=4)
+    r.add_argument("--micro-rows", type=int, default=0)
     args = p.parse_args(argv)
     step(args) if args.what == "step" else replay(args)
     return 0

@@ -78,6 +78,7 @@ class BenchConfig:
     ram_budget_mb: int = 4096  # cached runs: stores up to this size are held in RAM
     pool_mb: int = 512  # cached runs: the loader's budget for stored rows (sidecache train)
     low_memory: bool = False  # cached runs: ``sidecache train --low-memory``
+    micro_rows: int = 0  # cached runs: ``sidecache train --micro-rows``
     threads: int = 0  # cached runs: ``sidecache train --threads`` (0: half the cores)
 
 
@@ -173,6 +174,7 @@ def _job_cached(job: dict[str, Any]) -> dict[str, Any]:
             ram_budget_mb=cfg["ram_budget_mb"],
             pool_mb=cfg.get("pool_mb", 512),
             low_memory=cfg.get("low_memory", False),
+            micro_rows=cfg.get("micro_rows", 0),
             threads=cfg.get("threads", 0),
             progress=False,
         )
@@ -320,6 +322,10 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     parse_positions(cfg.positions)  # before any job runs
     if cfg.chunk_mb <= 0:
         raise ConfigError(f"--chunk-mb must be positive; found {cfg.chunk_mb}")
+    if cfg.micro_rows < 0:
+        raise ConfigError(
+            f"--micro-rows must be 0 (whole batches) or a number of rows; found {cfg.micro_rows}"
+        )
     root = Path(cfg.out)
     jobs = plan_jobs(cfg, root)
     log.info(
@@ -487,6 +493,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{store_extras(cfg)}, "
         f"seeds {cfg['seeds']}; cached runs: RAM budget {cfg['ram_budget_mb']} MB, pool "
         f"{cfg.get('pool_mb', 512)} MB{', --low-memory' if cfg.get('low_memory') else ''}"
+        f"{', --micro-rows ' + str(cfg['micro_rows']) if cfg.get('micro_rows') else ''}"
         f"{', --threads ' + str(cfg['threads']) if cfg.get('threads') else ''}. "
         f"{env['cpus']} CPUs, CUDA {env['cuda']}, idle peak RSS "
         f"{_fmt(min(env['idle_peak_rss_mb'] or [0]))} MB, "

@@ -63,7 +63,7 @@ class StoreLoader:
         ram_budget: int = 4 << 30,
         shuffle_blocks: int = 16,
         pool_bytes: int = 512 << 20,
-        prefetch: int = 4,
+        prefetch: int = 4,  # batches collated ahead of the one in use
     ):
         self.reader, self.batch_size, self.shuffle, self.seed = reader, batch_size, shuffle, seed
         lay = reader.layout
@@ -213,13 +213,17 @@ class StoreLoader:
         rounds = [order[k : k + self.shuffle_blocks] for k in range(0, n, self.shuffle_blocks)]
         budget = None if self.in_ram else ByteBudget(self.pool_bytes, self.reserve)
         blocks: queue.Queue[Any] = queue.Queue(maxsize=self.shuffle_blocks)
-        batches: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch)
+        batches: queue.Queue[Any] = queue.Queue()
+        # a batch is collated only when a slot is free, and a slot frees when a batch is taken:
+        # ``prefetch`` batches ahead of the one in use, none waiting half-built for the queue
+        slots = threading.Semaphore(self.prefetch)
         stop = threading.Event()
         workers = [
             threading.Thread(target=self._reader, args=(rounds, budget, blocks, stop),
                              daemon=True),
             threading.Thread(target=self._batcher,
-                             args=(rounds, rng, budget, blocks, batches, stop), daemon=True),
+                             args=(rounds, rng, budget, blocks, batches, slots, stop),
+                             daemon=True),
         ]  # fmt: skip
         for w in workers:
             w.start()
@@ -227,6 +231,7 @@ class StoreLoader:
             while (item := batches.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
+                slots.release()
                 yield item
         finally:
             stop.set()
@@ -257,7 +262,7 @@ class StoreLoader:
 
     def _batcher(self, rounds: list[list[int]], rng: np.random.Generator,
                  budget: ByteBudget | None, blocks: queue.Queue[Any], out: queue.Queue[Any],
-                 stop: threading.Event) -> None:  # fmt: skip
+                 slots: threading.Semaphore, stop: threading.Event) -> None:  # fmt: skip
         def work() -> None:
             pool: list[_Sample] = []
             for r, ids in enumerate(rounds):
@@ -269,6 +274,8 @@ class StoreLoader:
                     pool = [pool[k] for k in rng.permutation(len(pool))]
                 last = r == len(rounds) - 1
                 while len(pool) >= self.batch_size or (last and pool):
+                    if not _acquire(slots, stop):
+                        return
                     if not _put(out, self._collate(pool[: self.batch_size]), stop):
                         return
                     pool = pool[self.batch_size :]
@@ -353,6 +360,14 @@ def _collect(n: int, blocks: queue.Queue[Any], stop: threading.Event) -> dict[in
             return None
         got[item[0]] = item[1]
     return got
+
+
+def _acquire(slots: threading.Semaphore, stop: threading.Event) -> bool:
+    """Take a slot unless the consumer went away; False when it did."""
+    while not stop.is_set():
+        if slots.acquire(timeout=0.05):
+            return True
+    return False
 
 
 def _put(q: queue.Queue[Any], item: Any, stop: threading.Event) -> bool:

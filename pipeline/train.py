@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = half the usable cores (at least 1)
     pool_mb: int = 512  # streaming: the loader's budget for stored rows; a round holds <= half
     low_memory: bool = False  # one prefetched batch, and glibc returns freed buffers at once
+    micro_rows: int = 0  # > 0: forward and backward on groups of at most this many rows
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Member:
     rng: torch.Tensor
     folder: Path
     eval_batch: int
+    micro_rows: int = 0  # > 0: training and evaluation batches run in groups of this many rows
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     best_epoch: int = -1
@@ -223,7 +226,9 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
     sched = WarmupDecay(optim, schedule(total, spec.train.warmup))
     if eval_batch is None:  # callers without stores: the size that needs none
         eval_batch = eval_batch_size(cfg)
-    return Member(name, spec, model, optim, sched, rng, Path(cfg.out) / name, eval_batch)
+    return Member(
+        name, spec, model, optim, sched, rng, Path(cfg.out) / name, eval_batch, cfg.micro_rows
+    )
 
 
 def eval_batch_size(cfg: TrainConfig, train: StoreReader | None = None,
@@ -290,17 +295,25 @@ def resume(m: Member, identity: dict[str, Any]) -> None:
 
 
 def train_step(m: Member, batch: Any, info: StoreInfo) -> None:
+    """One optimiser step on ``batch``. When the member's ``micro_rows`` is set, a batch of more
+    rows runs forward and backward in groups of whole samples (:meth:`SideBatch.split`), each
+    group's mean loss weighted by its share of the samples, so the gradients add up to the whole
+    batch's (up to float rounding; dropout masks are drawn group by group). The activations held
+    for backward then follow ``micro_rows``, not the batch's longest samples."""
     started = time.perf_counter()
     m.model.train()
     torch.set_rng_state(m.rng)  # each network has its own dropout stream
-    loss = loss_fn(info, m.model(batch), batch.labels)
     m.optim.zero_grad(set_to_none=True)
-    loss.backward()
+    parts = batch.split(m.micro_rows) if m.micro_rows > 0 else [batch]
+    n = len(batch.lengths)
+    for part in parts:
+        loss = loss_fn(info, m.model(part), part.labels)
+        (loss if len(parts) == 1 else loss * (len(part.lengths) / n)).backward()
+        m.loss_sum += float(loss.detach()) * len(part.lengths)
     m.optim.step()
     m.sched.step()
     m.rng = torch.get_rng_state()
-    m.loss_sum += float(loss.detach()) * len(batch.lengths)
-    m.loss_count += len(batch.lengths)
+    m.loss_count += n
     m.seconds += time.perf_counter() - started
 
 
@@ -315,7 +328,8 @@ def evaluate(models: list[Member], loader: StoreLoader, info: StoreInfo, device:
         for m in models:
             started = time.perf_counter()
             m.model.eval()
-            outs[m.name].append(m.model(batch).float().cpu().numpy())
+            for part in batch.split(m.micro_rows):
+                outs[m.name].append(m.model(part).float().cpu().numpy())
             m.seconds += time.perf_counter() - started
     y = np.concatenate(gold)
     return {name: metrics.compute(info.task, np.concatenate(o), y) for name, o in outs.items()}
@@ -350,6 +364,7 @@ def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], device: 
         "wall_time_s": round(m.seconds, 3),
         "memory": peak_memory(device),
         "torch_threads": torch.get_num_threads(),
+        "micro_rows": m.micro_rows,
     }
     if loaders is not None:  # the streaming loaders' memory, once the run is over
         result["loader_memory"] = loaders
@@ -391,6 +406,16 @@ def end_epoch(m: Member, epoch: int, scores: dict[str, float], info: StoreInfo,
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
+@functools.cache
+def _glibc() -> Any:
+    """glibc's allocator entry points, or None where they are not there."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def lean_malloc(threshold: int = 128 << 10) -> bool:
     """Serve every allocation above ``threshold`` bytes with its own mmap, returned to the OS when
     freed (glibc only; process-wide and permanent; False where it does not apply).
@@ -400,11 +425,19 @@ def lean_malloc(threshold: int = 128 << 10) -> bool:
     pages stay resident after they are freed. Fixing it at glibc's initial 128 KiB measured 38 MB
     less peak RSS for one epoch of READ on CoLA (BENCHMARKS.md), at the cost of page faults for
     every large buffer."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def trim_malloc() -> None:
+    """Return the free pages inside glibc's heaps to the OS (``malloc_trim``; a no-op elsewhere).
+
+    Buffers under the mmap threshold come from per-thread heaps; once freed, their pages stay
+    resident, and over an epoch the holes that the loader's and the steps' small buffers leave
+    add up. ``--low-memory`` trims after every training batch and before evaluating."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def cpu_threads(wanted: int) -> int:
@@ -429,6 +462,10 @@ def run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
 def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be at least 1")
+    if cfg.micro_rows < 0:
+        raise ConfigError(
+            f"--micro-rows must be 0 (whole batches) or a number of rows; found {cfg.micro_rows}"
+        )
     specs = [parse_spec(s) for s in cfg.specs]
     if not specs:
         raise ConfigError("give at least one --sidenet (e.g. --sidenet read --sidenet linear)")
@@ -471,6 +508,10 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
             batch = batch.to(device)
             for m in active:
                 train_step(m, batch, info)
+            if cfg.low_memory:
+                trim_malloc()
+        if cfg.low_memory:
+            trim_malloc()
         scores = evaluate(active, eval_loader, info, device)
         for m in active:
             end_epoch(m, epoch, scores[m.name], info, identity)

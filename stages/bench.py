@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         "--low-memory", action="store_true", help="cached runs: sidecache train --low-memory"
     )
     p.add_argument(
+        "--micro-rows", type=int, default=0, help="cached runs: sidecache train --micro-rows"
+    )
+    p.add_argument(
         "--threads", type=int, default=0,
         help="cached runs: torch threads, as sidecache train --threads (0: its default, half the "
         "cores)",
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype, positions=args.positions, chunk_mb=args.chunk_mb,
         device=args.device, ram_budget_mb=args.ram_budget_mb,
         pool_mb=args.pool_mb, low_memory=args.low_memory, threads=args.threads,
+        micro_rows=args.micro_rows,
     ))  # fmt: skip
     print(to_markdown(report))
     return 0

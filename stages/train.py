@@ -42,13 +42,20 @@ def main(argv: list[str] | None = None) -> int:
         help="one prefetched batch instead of 4, and (glibc) large buffers returned to the OS "
         "when freed; same batches and results, lower peak RSS, some CPU for page faults",
     )  # fmt: skip
+    p.add_argument(
+        "--micro-rows", type=int, default=0, metavar="N",
+        help="run each batch's forward and backward in groups of whole samples of at most N "
+        "stored rows, adding up the gradients: the same step up to float rounding (dropout "
+        "masks drawn per group), with activation memory bounded by N rows instead of by the "
+        "batch's longest samples. 0 (default): whole batches",
+    )  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     results = run_train(TrainConfig(
         train=args.train, eval=args.eval, specs=args.sidenet, epochs=args.epochs, out=args.out,
         batch_size=args.batch_size, seed=args.seed, device=args.device,
         ram_budget_mb=args.ram_budget_mb, threads=args.threads, progress=not args.no_progress,
-        pool_mb=args.pool_mb, low_memory=args.low_memory,
+        pool_mb=args.pool_mb, low_memory=args.low_memory, micro_rows=args.micro_rows,
     ))  # fmt: skip
     table = {name: r["eval"]["best"] for name, r in results.items()}
     print(json.dumps(table, indent=2))

@@ -5,6 +5,7 @@ Side networks import nothing from ``transformers``: they only ever see cached te
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +84,26 @@ class SideBatch:
     def row_sample(self) -> torch.Tensor:  # (R,) which sample each row belongs to
         return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device),
                                        self.lengths)  # fmt: skip
+
+    def split(self, max_rows: int) -> list[SideBatch]:
+        """Consecutive groups of whole samples of at most ``max_rows`` rows each (a longer sample
+        is a group of its own); ``[self]`` when the batch fits or ``max_rows`` is 0. The groups'
+        rows are views of this batch's rows."""
+        if max_rows <= 0 or self.hidden.shape[0] <= max_rows:
+            return [self]
+        cuts, rows = [0], 0  # sample index where each group starts
+        for i, n in enumerate(self.lengths.tolist()):
+            if rows and rows + n > max_rows:
+                cuts.append(i)
+                rows = 0
+            rows += n
+        cuts.append(len(self.lengths))
+        first = [0, *torch.cumsum(self.lengths, 0).tolist()]
+        parts = []
+        for a, b in itertools.pairwise(cuts):
+            hidden = self.hidden[first[a] : first[b]]
+            parts.append(SideBatch(hidden, self.lengths[a:b], self.labels[a:b], self.samples[a:b]))
+        return parts
 
     def padded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R, ...)`` -> ``(B, T, ...)`` zero-padded, plus the ``(B, T)`` mask of real rows."""

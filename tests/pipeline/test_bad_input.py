@@ -280,6 +280,12 @@ CASES = [
         "unknown side network 'transformer'",
     ),
     Case(
+        "negative micro-batch rows",
+        lambda t, e: train(e, t / "r", extra=("--micro-rows", "-1")),
+        "ConfigError",
+        "--micro-rows must be 0 (whole batches) or a number of rows; found -1",
+    ),
+    Case(
         "unknown side network key",
         lambda t, e: train(e, t / "r", "read:width=64"),
         "ConfigError",

@@ -128,9 +128,30 @@ def test_what_the_loader_allocates_is_what_its_budget_counts(stores):
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
         tracemalloc.stop()
-    uncounted = (loader.prefetch + 2) * decoded + decoded // 2 + 3 * chunk
+    uncounted = (loader.prefetch + 1) * decoded + decoded // 2 + 3 * chunk
     assert loader.held_peak <= pool
     assert peak <= loader.held_peak + uncounted + (128 << 10), (peak, loader.held_peak, uncounted)
+
+
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_the_batcher_collates_at_most_prefetch_batches_ahead(stores, prefetch):
+    """A batch is only built when it can be queued: with a slow consumer, the batches collated
+    but not yet taken never exceed ``prefetch`` (none waits half-built for room in the queue)."""
+    reader = open_store(stores["big"])
+    loader = StoreLoader(reader, BATCH, shuffle=True, seed=2, ram_budget=0, prefetch=prefetch,
+                         pool_bytes=4 * block_bytes(reader) + 1)  # fmt: skip
+    collated, ahead = [0], []
+    real = loader._collate
+
+    def counting(items):
+        collated[0] += 1
+        return real(items)
+
+    loader._collate = counting  # type: ignore[method-assign]
+    for taken, _ in enumerate(loader.epoch(0), start=1):
+        time.sleep(0.003)  # the batcher has all the time it wants
+        ahead.append(collated[0] - taken)
+    assert max(ahead) == prefetch and len(ahead) == len(loader)
 
 
 def test_a_block_bigger_than_the_budget_streams_alone_without_deadlock(stores):

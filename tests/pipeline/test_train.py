@@ -149,6 +149,66 @@ def test_low_memory_eval_batches_match_training_rows(stores):
     assert eval_batch_size(dataclasses.replace(cfg, low_memory=False), one, every) == 64
 
 
+def test_split_batches_cover_the_batch_in_whole_samples_within_the_row_budget():
+    lengths = torch.tensor([3, 9, 1, 1, 4, 2, 6])
+    rows = torch.arange(int(lengths.sum()) * 2, dtype=torch.float32).reshape(-1, 1, 2)
+    batch = SideBatch(rows, lengths, torch.arange(7) % 2, torch.arange(10, 17))
+    assert batch.split(0) == [batch] and batch.split(26) == [batch]
+    parts = batch.split(5)
+    assert [p.lengths.tolist() for p in parts] == [[3], [9], [1, 1], [4], [2], [6]]
+    assert torch.equal(torch.cat([p.hidden for p in parts]), rows)
+    assert torch.equal(torch.cat([p.samples for p in parts]), batch.samples)
+    assert torch.equal(torch.cat([p.labels for p in parts]), batch.labels)
+    assert all(p.hidden.data_ptr() >= rows.data_ptr() for p in parts)  # views, not copies
+
+
+@pytest.mark.parametrize("spec", ["read:hidden=16,dropout=0", "lst:r=4,dropout=0"])
+def test_micro_batches_give_the_whole_batch_gradients(spec, stores):
+    """Forward and backward in groups of at most N rows, gradients added up: each step's
+    gradients and loss are the whole batch's, to float round-off. (Parameters are not compared
+    after several steps: AdamW turns the round-off in a gradient that is zero in exact arithmetic,
+    like a key bias under softmax, into a full-size step.)"""
+    reader = open_store(stores["train-all"])
+    info = StoreInfo.from_meta(reader.meta, reader.path)
+    cfg = TrainConfig(train="", eval="", specs=[], epochs=1, out="/unused")
+    whole = make_member("w", parse_spec(spec), info, 100, cfg, torch.device("cpu"))
+    micro = make_member("m", parse_spec(spec), info, 100, dataclasses.replace(cfg, micro_rows=40),
+                        torch.device("cpu"))  # fmt: skip
+    batches = list(StoreLoader(reader, 16, shuffle=True, seed=1).epoch(0))[:4]
+    assert all(len(b.split(40)) > 1 for b in batches)  # every step is really split
+    for b in batches:
+        micro.model.load_state_dict(whole.model.state_dict())  # the same point for both
+        before = (whole.loss_sum, micro.loss_sum)
+        train_step(whole, b, info)
+        train_step(micro, b, info)
+        loss_w, loss_m = whole.loss_sum - before[0], micro.loss_sum - before[1]
+        assert abs(loss_w - loss_m) <= 1e-5 * abs(loss_w)
+        pairs = zip(whole.model.parameters(), micro.model.parameters(), strict=True)
+        grads = [(p.grad, q.grad) for p, q in pairs]
+        scale = max(float(g.abs().max()) for g, _ in grads if g is not None)
+        assert scale > 0
+        for g, h in grads:
+            assert (g is None) == (h is None)
+            if g is not None:
+                torch.testing.assert_close(h, g, rtol=1e-4, atol=1e-6 * scale)
+    assert whole.loss_count == micro.loss_count == sum(len(b.lengths) for b in batches)
+
+
+def test_micro_rows_runs_end_to_end_and_a_budget_above_every_batch_changes_nothing(
+    stores, tmp_path
+):
+    base = dict(train=stores["train-all"], eval=stores["dev-all"], specs=["read:hidden=16"],
+                epochs=2, batch_size=16, progress=False)  # fmt: skip
+    whole = run_train(TrainConfig(out=str(tmp_path / "whole"), **base))["read"]
+    roomy = run_train(TrainConfig(out=str(tmp_path / "roomy"), micro_rows=10**6, **base))["read"]
+    assert roomy["eval"] == whole["eval"] and roomy["train_loss"] == whole["train_loss"]
+    assert roomy["micro_rows"] == 10**6 and whole["micro_rows"] == 0
+    split = run_train(TrainConfig(out=str(tmp_path / "split"), micro_rows=24, low_memory=True,
+                                  ram_budget_mb=0, **base))["read"]  # fmt: skip
+    assert split["finished"] and split["epochs"] == 2
+    assert split["train_loss"] == pytest.approx(whole["train_loss"], rel=0.05)
+
+
 def test_training_resumes_after_an_interruption(stores, tmp_path, monkeypatch):
     import pipeline.train as train_mod
 
