@@ -6,7 +6,8 @@ Two measurements, each in this process, sampling ``/proc/self/status`` on a back
 ``--samples`` samples of ``--tokens`` tokens each (MiniLM's shape: 7 layers of 384), 1 torch
 thread, glibc's mmap threshold fixed as ``--low-memory`` fixes it, so freed buffers leave the
 process at once. Reported: the most anonymous memory held above the level between steps, over 5
-steps after 3 warm-up steps, next to the batch's own size.
+steps after 3 warm-up steps, next to the batch's own size; then the median time of 40 more. ``--micro-rows N`` runs the step in
+groups of at most N rows, as ``sidecache train --micro-rows`` does.
 
 ``replay``: :func:`pipeline.train.run_train` on two stores with ``--ram-budget-mb 0 --pool-mb
 POOL --low-memory`` (the bench's lean setup), for ``--epochs`` epochs. Reported per phase (the
@@ -18,11 +19,13 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.read_memory step --tokens 13
     .venv/bin/python -m benchmarks.read_memory replay --train S/train --eval S/dev --epochs 3
+    .venv/bin/python -m benchmarks.read_memory replay ... --micro-rows 256
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import threading
@@ -98,12 +101,18 @@ def step(args: argparse.Namespace) -> None:
         for _ in range(5):
             one()
     held = s.peaks["steps"]["RssAnon"] - base
+    times = []
+    for _ in range(40):  # without the sampler's thread
+        started = time.perf_counter()
+        one()
+        times.append(time.perf_counter() - started)
     mb = batch.hidden.numel() * 4 / (1 << 20)
     groups = f", --micro-rows {args.micro_rows}" if args.micro_rows else ""
     print(f"{args.spec}{groups}: {rows} rows ({args.samples} x {args.tokens} tokens), batch "
           f"{mb:.1f} MB; "
           f"a training step holds {held:.1f} MB above the level between steps "
-          f"({held / mb:.1f}x the batch)")  # fmt: skip
+          f"({held / mb:.1f}x the batch); median step {statistics.median(times) * 1e3:.1f} ms "
+          "of 40")  # fmt: skip
 
 
 def replay(args: argparse.Namespace) -> None:
