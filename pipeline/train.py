@@ -77,7 +77,7 @@ class Member:
     rng: torch.Tensor
     folder: Path
     eval_batch: int
-    micro_rows: int = 0  # > 0: training and evaluation batches run in groups of this many rows
+    micro_rows: int = 0  # > 0: training steps run in groups of at most this many rows
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     best_epoch: int = -1
@@ -299,7 +299,9 @@ def train_step(m: Member, batch: Any, info: StoreInfo) -> None:
     rows runs forward and backward in groups of whole samples (:meth:`SideBatch.split`), each
     group's mean loss weighted by its share of the samples, so the gradients add up to the whole
     batch's (up to float rounding; dropout masks are drawn group by group). The activations held
-    for backward then follow ``micro_rows``, not the batch's longest samples."""
+    for backward then follow ``micro_rows``, not the batch's longest samples. Evaluation keeps
+    whole batches (it holds no activations for backward, and ``evaluate``/``predict`` reproduce
+    its outputs exactly)."""
     started = time.perf_counter()
     m.model.train()
     torch.set_rng_state(m.rng)  # each network has its own dropout stream
@@ -328,8 +330,7 @@ def evaluate(models: list[Member], loader: StoreLoader, info: StoreInfo, device:
         for m in models:
             started = time.perf_counter()
             m.model.eval()
-            for part in batch.split(m.micro_rows):
-                outs[m.name].append(m.model(part).float().cpu().numpy())
+            outs[m.name].append(m.model(batch).float().cpu().numpy())
             m.seconds += time.perf_counter() - started
     y = np.concatenate(gold)
     return {name: metrics.compute(info.task, np.concatenate(o), y) for name, o in outs.items()}

@@ -207,6 +207,11 @@ def test_micro_rows_runs_end_to_end_and_a_budget_above_every_batch_changes_nothi
                                   ram_budget_mb=0, **base))["read"]  # fmt: skip
     assert split["finished"] and split["epochs"] == 2
     assert split["train_loss"] == pytest.approx(whole["train_loss"], rel=0.05)
+    # evaluation keeps whole batches, so re-evaluating the checkpoint reproduces the record
+    from pipeline.evaluate import evaluate_run
+
+    again = evaluate_run(tmp_path / "split" / "read", stores["dev-all"])
+    assert again == split["eval"]["best"]
 
 
 def test_training_resumes_after_an_interruption(stores, tmp_path, monkeypatch):
