@@ -408,32 +408,36 @@ def method_row(
 
 
 def ratios(rows: dict[str, dict[str, Any]], stage_one: dict[str, Any] | None) -> dict[str, Any]:
-    """The headline figures, where the bench ran the methods they need."""
+    """The headline figures, where the bench ran the methods they need: for every cached READ,
+    against online READ of the same spec and against the first full fine-tuning. Keys name the
+    spec unless it is plain ``read``."""
     out: dict[str, Any] = {}
-    read, online_read, full = (
-        rows.get("cached:read"),
-        rows.get("online:read"),
-        rows.get("online:full"),
-    )
-    if stage_one is None or read is None or read["wall_s"] is None:
-        return out
-    s1 = stage_one["costs"]
-    alone_wall, alone_cpu = s1["wall_s"] + read["wall_s"], s1["cpu_s"] + read["cpu_s"]
-    if online_read and online_read["wall_s"]:
-        out["cache_plus_read_over_online_read_wall"] = alone_wall / online_read["wall_s"]
-        out["cache_plus_read_over_online_read_cpu"] = alone_cpu / online_read["cpu_s"]
-        out["score_final_cached_read"] = read["score_final_mean"], read["score_final_std"]
-        out["score_final_online_read"] = (
-            online_read["score_final_mean"],
-            online_read["score_final_std"],
-        )
-    if full and full["wall_s"]:
-        out["cache_plus_read_over_full_ft_cpu"] = alone_cpu / full["cpu_s"]
-        out["cache_plus_read_over_full_ft_wall"] = alone_wall / full["wall_s"]
-        if full["peak_mb_above_idle"]:
-            out["peak_cached_read_over_full_ft"] = (
-                read["peak_mb_above_idle"] / full["peak_mb_above_idle"]
+    full = next((r for m, r in rows.items() if m.split(":")[:2] == ["online", "full"]), None)
+    for method, read in rows.items():
+        mode, _, spec = method.partition(":")
+        if mode != "cached" or spec.split(":")[0] != "read" or stage_one is None:
+            continue
+        if read["wall_s"] is None:
+            continue
+        tag = "" if spec == "read" else f" ({spec})"
+        s1 = stage_one["costs"]
+        alone_wall, alone_cpu = s1["wall_s"] + read["wall_s"], s1["cpu_s"] + read["cpu_s"]
+        online_read = rows.get(f"online:{spec}")
+        if online_read and online_read["wall_s"]:
+            out["cache_plus_read_over_online_read_wall" + tag] = alone_wall / online_read["wall_s"]
+            out["cache_plus_read_over_online_read_cpu" + tag] = alone_cpu / online_read["cpu_s"]
+            out["score_final_cached_read" + tag] = read["score_final_mean"], read["score_final_std"]
+            out["score_final_online_read" + tag] = (
+                online_read["score_final_mean"],
+                online_read["score_final_std"],
             )
+        if full and full["wall_s"]:
+            out["cache_plus_read_over_full_ft_cpu" + tag] = alone_cpu / full["cpu_s"]
+            out["cache_plus_read_over_full_ft_wall" + tag] = alone_wall / full["wall_s"]
+            if full["peak_mb_above_idle"]:
+                out["peak_cached_read_over_full_ft" + tag] = (
+                    read["peak_mb_above_idle"] / full["peak_mb_above_idle"]
+                )
     return out
 
 

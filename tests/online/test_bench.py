@@ -30,7 +30,11 @@ def test_bench_runs_end_to_end_and_writes_the_table(model_dir, glue_dir, tmp_pat
     cached = rows["cached:read:hidden=16"]
     assert cached["stage_one_cpu_s"] > 0 and cached["amortised_cpu_s"] > cached["cpu_s"]
     assert rows["online:full:lr=1e-4"]["stage_one_cpu_s"] is None
-    assert "cache_plus_read_over_full_ft_cpu" not in report["ratios"]  # the spec differs
+    assert set(report["ratios"]) == {  # no online READ ran; full fine-tuning with its own lr did
+        f"{k} (read:hidden=16)"
+        for k in ("cache_plus_read_over_full_ft_cpu", "cache_plus_read_over_full_ft_wall",
+                  "peak_cached_read_over_full_ft")
+    }  # fmt: skip
     text = (out / "bench.md").read_text()
     assert "| cached:read:hidden=16 | 1 |" in text and "online:full" in text
     assert (out / "bench.csv").read_text().startswith("method,")
@@ -71,6 +75,26 @@ def test_table_statistics_amortisation_and_ratios():
     assert r["cache_plus_read_over_full_ft_cpu"] == pytest.approx(100.0 / 600.0)
     assert r["peak_cached_read_over_full_ft"] == pytest.approx(10.0 / 1000.0)
     assert "cache_plus_read_over_full_ft_cpu" in to_markdown(report)
+
+
+def test_ratios_pair_each_cached_read_with_online_read_of_the_same_spec():
+    methods = ["cached:read:lr=1e-3", "cached:read:hidden=64", "online:read:lr=1e-3",
+               "online:full:lr=1e-5"]  # fmt: skip
+    cfg = BenchConfig(backbone="b", data="d", out="o", seeds=[0], methods=methods)
+    idle = {"kind": "idle", "costs": {"peak_rss_bytes": 100e6}, "load_before": 0.5,
+            "load_after": 0.5}  # fmt: skip
+    stage_one = {"kind": "cache", "costs": {"wall_s": 10.0, "cpu_s": 20.0, "peak_rss_bytes": 1e9},
+                 "load_before": 1.0, "load_after": 1.0}  # fmt: skip
+    runs = [idle, stage_one,
+            fake_run("cached", "cached:read:lr=1e-3", 0, 0.8, 30.0, 40.0, 150),
+            fake_run("cached", "cached:read:hidden=64", 0, 0.8, 20.0, 20.0, 130),
+            fake_run("online", "online:read:lr=1e-3", 0, 0.8, 200.0, 400.0, 500),
+            fake_run("online", "online:full:lr=1e-5", 0, 0.9, 700.0, 1400.0, 1700)]  # fmt: skip
+    r = summarise(cfg, runs)["ratios"]
+    assert r["cache_plus_read_over_online_read_wall (read:lr=1e-3)"] == pytest.approx(40 / 200)
+    assert r["peak_cached_read_over_full_ft (read:lr=1e-3)"] == pytest.approx(50 / 1600)
+    assert r["cache_plus_read_over_full_ft_cpu (read:hidden=64)"] == pytest.approx(40 / 1400)
+    assert "cache_plus_read_over_online_read_wall (read:hidden=64)" not in r  # no online pair
 
 
 def test_jobs_are_interleaved_and_bad_methods_refused():
