@@ -6,8 +6,9 @@ Two measurements, each in this process, sampling ``/proc/self/status`` on a back
 ``--samples`` samples of ``--tokens`` tokens each (MiniLM's shape: 7 layers of 384), 1 torch
 thread, glibc's mmap threshold fixed as ``--low-memory`` fixes it, so freed buffers leave the
 process at once. Reported: the most anonymous memory held above the level between steps, over 5
-steps after 3 warm-up steps, next to the batch's own size; then the median time of 40 more. ``--micro-rows N`` runs the step in
-groups of at most N rows, as ``sidecache train --micro-rows`` does.
+steps after 3 warm-up steps, next to the batch's own size; then the median time of 40 more
+steps. ``--micro-rows N`` runs the step in groups of at most N rows, as ``sidecache train
+--micro-rows`` does.
 
 ``replay``: :func:`pipeline.train.run_train` on two stores with ``--ram-budget-mb 0 --pool-mb
 POOL --low-memory`` (the bench's lean setup), for ``--epochs`` epochs. Reported per phase (the
