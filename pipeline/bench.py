@@ -322,10 +322,9 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     parse_positions(cfg.positions)  # before any job runs
     if cfg.chunk_mb <= 0:
         raise ConfigError(f"--chunk-mb must be positive; found {cfg.chunk_mb}")
-    if cfg.micro_rows < 0:
-        raise ConfigError(
-            f"--micro-rows must be 0 (whole batches) or a number of rows; found {cfg.micro_rows}"
-        )
+    from pipeline.train import check_micro_rows  # the parent only: idle workers stay lean
+
+    check_micro_rows(cfg.micro_rows)
     root = Path(cfg.out)
     jobs = plan_jobs(cfg, root)
     log.info(
@@ -412,15 +411,15 @@ def ratios(rows: dict[str, dict[str, Any]], stage_one: dict[str, Any] | None) ->
     against online READ of the same spec and against the first full fine-tuning. Keys name the
     spec unless it is plain ``read``."""
     out: dict[str, Any] = {}
+    if stage_one is None:
+        return out
+    s1 = stage_one["costs"]
     full = next((r for m, r in rows.items() if m.split(":")[:2] == ["online", "full"]), None)
     for method, read in rows.items():
         mode, _, spec = method.partition(":")
-        if mode != "cached" or spec.split(":")[0] != "read" or stage_one is None:
-            continue
-        if read["wall_s"] is None:
+        if mode != "cached" or spec.split(":")[0] != "read" or read["wall_s"] is None:
             continue
         tag = "" if spec == "read" else f" ({spec})"
-        s1 = stage_one["costs"]
         alone_wall, alone_cpu = s1["wall_s"] + read["wall_s"], s1["cpu_s"] + read["cpu_s"]
         online_read = rows.get(f"online:{spec}")
         if online_read and online_read["wall_s"]:

@@ -231,6 +231,11 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
     )
 
 
+def check_micro_rows(n: int) -> None:
+    if n < 0:
+        raise ConfigError(f"--micro-rows must be 0 (whole batches) or a number of rows; found {n}")
+
+
 def eval_batch_size(cfg: TrainConfig, train: StoreReader | None = None,
                     evaluation: StoreReader | None = None) -> int:  # fmt: skip
     """Evaluation batches: consecutive samples in store order, this many at a time.
@@ -306,6 +311,7 @@ def train_step(m: Member, batch: Any, info: StoreInfo) -> None:
     m.model.train()
     torch.set_rng_state(m.rng)  # each network has its own dropout stream
     m.optim.zero_grad(set_to_none=True)
+    # online baselines' batches are not SideBatches; they never set micro_rows
     parts = batch.split(m.micro_rows) if m.micro_rows > 0 else [batch]
     n = len(batch.lengths)
     for part in parts:
@@ -463,10 +469,7 @@ def run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
 def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be at least 1")
-    if cfg.micro_rows < 0:
-        raise ConfigError(
-            f"--micro-rows must be 0 (whole batches) or a number of rows; found {cfg.micro_rows}"
-        )
+    check_micro_rows(cfg.micro_rows)
     specs = [parse_spec(s) for s in cfg.specs]
     if not specs:
         raise ConfigError("give at least one --sidenet (e.g. --sidenet read --sidenet linear)")

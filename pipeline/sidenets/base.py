@@ -91,19 +91,16 @@ class SideBatch:
         rows are views of this batch's rows."""
         if max_rows <= 0 or self.hidden.shape[0] <= max_rows:
             return [self]
-        cuts, rows = [0], 0  # sample index where each group starts
+        cuts, row = [(0, 0)], 0  # (first sample, first row) of each group, then the end
         for i, n in enumerate(self.lengths.tolist()):
-            if rows and rows + n > max_rows:
-                cuts.append(i)
-                rows = 0
-            rows += n
-        cuts.append(len(self.lengths))
-        first = [0, *torch.cumsum(self.lengths, 0).tolist()]
-        parts = []
-        for a, b in itertools.pairwise(cuts):
-            hidden = self.hidden[first[a] : first[b]]
-            parts.append(SideBatch(hidden, self.lengths[a:b], self.labels[a:b], self.samples[a:b]))
-        return parts
+            if row > cuts[-1][1] and row + n - cuts[-1][1] > max_rows:
+                cuts.append((i, row))
+            row += n
+        cuts.append((len(self.lengths), row))
+        return [
+            SideBatch(self.hidden[r:q], self.lengths[a:b], self.labels[a:b], self.samples[a:b])
+            for (a, r), (b, q) in itertools.pairwise(cuts)
+        ]
 
     def padded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R, ...)`` -> ``(B, T, ...)`` zero-padded, plus the ``(B, T)`` mask of real rows."""
