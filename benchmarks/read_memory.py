@@ -8,7 +8,7 @@ thread, glibc's mmap threshold fixed as ``--low-memory`` fixes it, so freed buff
 process at once. Reported: the most anonymous memory held above the level between steps, over 5
 steps after 3 warm-up steps, next to the batch's own size; then the median time of 40 more
 steps. ``--micro-rows N`` runs the step in groups of at most N rows, as ``sidecache train
---micro-rows`` does.
+--micro-rows`` does; ``--default-malloc`` leaves the threshold alone, as without ``--low-memory``.
 
 ``replay``: :func:`pipeline.train.run_train` on two stores with ``--ram-budget-mb 0 --pool-mb
 POOL --low-memory`` (the bench's lean setup), for ``--epochs`` epochs. Reported per phase (the
@@ -77,7 +77,8 @@ class Sampler:
 
 
 def step(args: argparse.Namespace) -> None:
-    train_mod.lean_malloc()
+    if not args.default_malloc:
+        train_mod.lean_malloc()
     torch.set_num_threads(1)
     task = {"type": "classification", "num_labels": 2}
     info = StoreInfo(hidden_size=384, layers=tuple(range(7)), positions="all", pooling="mean",
@@ -109,6 +110,7 @@ def step(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - started)
     mb = batch.hidden.numel() * 4 / (1 << 20)
     groups = f", --micro-rows {args.micro_rows}" if args.micro_rows else ""
+    groups += ", glibc's default mmap threshold" if args.default_malloc else ""
     print(f"{args.spec}{groups}: {rows} rows ({args.samples} x {args.tokens} tokens), batch "
           f"{mb:.1f} MB; "
           f"a training step holds {held:.1f} MB above the level between steps "
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--tokens", type=int, default=13, help="tokens per sample (SST-2 train: 13)")
     s.add_argument("--spec", default="read")
     s.add_argument("--micro-rows", type=int, default=0)
+    s.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's mmap threshold alone (as without --low-memory)")  # fmt: skip
     r = sub.add_parser("replay", help="run_train on two stores, lean setup")
     r.add_argument("--train", required=True)
     r.add_argument("--eval", required=True)

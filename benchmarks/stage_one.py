@@ -168,7 +168,9 @@ def same_plan(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
 
 # -- timing ----------------------------------------------------------------------------------
 class Phases:
-    """Wall seconds accumulated per wrapped function (from any thread) while installed."""
+    """Wall seconds accumulated per wrapped function (from any thread) while installed, and
+    under ``cpu:NAME`` the CPU seconds of the threads that ran it (``time.thread_time``: torch's
+    own worker threads inside a call are not counted)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -176,13 +178,14 @@ class Phases:
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent = time.perf_counter() - started
+                spent, spent_cpu = time.perf_counter() - started, time.thread_time() - cpu
                 with self._lock:
                     self.seconds[name] += spent
+                    self.seconds[f"cpu:{name}"] += spent_cpu
 
         return timed
 
@@ -461,27 +464,37 @@ def phase_tables(fig: dict[str, Any]) -> list[str]:
     passes = [Pass(**p) for p in fig["passes"]]
     fwd, stage = median_phases(passes, FORWARD), median_phases(passes, STAGE)
     stage_wall = median(passes, STAGE)
-    rows = [
-        ("make_batch", fwd.get("make_batch"), stage.get("make_batch")),
-        ("forward (hidden_states)", fwd.get("forward"), stage.get("forward")),
+    rows: list[tuple[str, str | None, float | None, float | None]] = [  # label, phase, fwd, stage
+        ("make_batch", "make_batch", fwd.get("make_batch"), stage.get("make_batch")),
+        ("forward (hidden_states)", "forward", fwd.get("forward"), stage.get("forward")),
     ]
-    rows += [(f"  {n}", None, stage.get(n)) for n in IN_EXTRACT[1:]]
+    rows += [(f"  {n}", n, None, stage.get(n)) for n in IN_EXTRACT[1:]]
     inside = sum(stage.get(n, 0.0) for n in IN_EXTRACT)
-    rows.append(("  rest of extract_rows", None, stage.get("extract_rows", 0.0) - inside))
-    rows += [(n, None, stage.get(n)) for n in ("writer.put", "writer.close", "create_store")]
+    rows.append(("  rest of extract_rows", None, None, stage.get("extract_rows", 0.0) - inside))
+    rows += [(n, n, None, stage.get(n)) for n in ("writer.put", "writer.close", "create_store")]
     main_loop = sum(stage.get(n, 0.0) for n in MAIN_LOOP)
-    rows.append(("rest of run_cache (layout, plan, summary, loop)", None, stage_wall - main_loop))
-    rows.append(("_write_shard, writer threads (summed)", None, stage.get(STAGE_PHASES[-1][2])))
+    rows.append(
+        ("rest of run_cache (layout, plan, summary, loop)", None, None, stage_wall - main_loop)
+    )
+    writer = STAGE_PHASES[-1][2]
+    rows.append(("_write_shard, writer threads (summed)", writer, None, stage.get(writer)))
 
     def cell(x: float | None) -> str:
         return "" if x is None else f"{x:.2f}"
 
+    def cpu_cell(arm: dict[str, float], name: str) -> str:
+        return cell(arm.get(f"cpu:{name}"))
+
     lines = [
         "",
-        "| phase (median wall s; main thread unless noted) | forward-only | stage one |",
-        "|---|---|---|",
+        "| phase (median s; main thread unless noted) | forward-only wall | stage one wall | "
+        "stage one thread CPU |",
+        "|---|---|---|---|",
     ]
-    lines += [f"| {name} | {cell(a)} | {cell(b)} |" for name, a, b in rows]
+    lines += [
+        f"| {label} | {cell(a)} | {cell(b)} | {cpu_cell(stage, key) if key else ''} |"
+        for label, key, a, b in rows
+    ]
     lines += [
         "",
         "| arm (medians) | wall s | process CPU s | CPU ÷ wall | main-thread CPU s | "
