@@ -12,7 +12,7 @@ What it measures, in one process (SST-2 train with MiniLM on the CPU by default)
     ``tokenize`` are patched to hand back objects prepared once before any timing, so the clock
     starts after the backbone is loaded and the data tokenised and covers everything else run_cache
     does: layout, plan, ``create_store`` (including the small arrays), the
-    ``make_batch``/``extract_rows``/``writer.put`` loop, ``writer.close`` and the final summary.
+    ``make_batch``/``extract_rows``/``writer.put`` loop, ``writer.finish``, finalising and the final summary.
     The plan run_cache computes is recorded and checked to equal the forward-only plan.
     The arms alternate in ABBA order (F S, S F, F S, ...) with ``--repeats`` passes each, so a
     slow drift in machine load hits both arms alike. On a 2-core box a neighbour's burst swamps
@@ -28,7 +28,7 @@ What it measures, in one process (SST-2 train with MiniLM on the CPU by default)
 (d) bytes per token on disk.
 
 ``--phases`` also wraps the pipeline functions with wall-clock timers (forward, gather, stats,
-encode, ``writer.put``, ``writer.close``, the writer threads), reports process CPU time per arm
+encode, ``writer.put``, ``writer.finish``, the writer threads), reports process CPU time per arm
 and micro-benchmarks the codecs of ``--codec-sweep`` on rows read back from the store, to show
 where any extra stage-one time goes. The knobs (writer threads, codec, the zarr thread pool and
 async concurrency, torch threads) are flags; nothing in the repository is modified.
@@ -76,7 +76,7 @@ import pipeline.extract as extract_mod
 from pipeline.backbone import Backbone, hidden_states, load_backbone, parse_layers
 from pipeline.cache import CacheConfig, build_layout, plan_settings, run_cache
 from pipeline.data import TextData, head, load_data
-from pipeline.extract import make_batch
+from pipeline.extract import in_streams, make_batch
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
 from storage import open_store, parse_codec
 from storage.writer import StoreWriter
@@ -97,10 +97,10 @@ STAGE_PHASES: list[tuple[Any, str, str]] = [
     (extract_mod, "row_stats", "row_stats"),
     (extract_mod, "encode", "encode"),
     (StoreWriter, "put", "writer.put"),
-    (StoreWriter, "close", "writer.close"),
+    (StoreWriter, "finish", "writer.finish"),
     (StoreWriter, "_write_shard", "_write_shard (writer threads, summed)"),
 ]
-MAIN_LOOP = ("create_store", "make_batch", "extract_rows", "writer.put", "writer.close")
+MAIN_LOOP = ("create_store", "make_batch", "extract_rows", "writer.put", "writer.finish")
 IN_EXTRACT = ("forward", "gather", "check_finite", "row_stats", "encode")
 
 
@@ -238,16 +238,21 @@ def clock(record: dict[str, float]) -> Iterator[None]:
     record["others_cpu_s"] = max(0.0, machine_cpu() - busy - record["cpu_s"])
 
 
-def forward_pass(prep: Prepared, phases: Phases | None) -> Pass:
-    """make_batch + hidden_states over the plan, nothing else."""
+def forward_pass(prep: Prepared, phases: Phases | None, streams: int = 1) -> Pass:
+    """make_batch + hidden_states over the plan, nothing else, in as many streams as stage
+    one runs (``pipeline.extract.in_streams``)."""
     build, run = make_batch, hidden_states
     if phases is not None:
         build, run = phases.wrap("make_batch", build), phases.wrap("forward", run)
+
+    def one(samples: np.ndarray) -> None:
+        batch = build(prep.tok, samples, prep.bb.device)
+        run(prep.bb, batch.input_ids, batch.attention_mask, batch.token_type_ids, prep.layers)
+
     record: dict[str, float] = {}
     with clock(record):
-        for samples in prep.batches:
-            batch = build(prep.tok, samples, prep.bb.device)
-            run(prep.bb, batch.input_ids, batch.attention_mask, batch.token_type_ids, prep.layers)
+        for _ in in_streams(one, prep.batches, streams):
+            pass
     return Pass(FORWARD, **record, phases=dict(phases.seconds) if phases else {})
 
 
@@ -384,6 +389,7 @@ def figures(
             "repeats": args.repeats,
             "codec": args.codec,
             "writer_threads": args.writer_threads,
+            "streams": args.streams,
             "zarr_max_workers": zarr.config.get("threading.max_workers"),
             "zarr_async_concurrency": zarr.config.get("async.concurrency"),
             "idle_wait_s": args.idle_wait,
@@ -429,6 +435,7 @@ def main_table(fig: dict[str, Any]) -> list[str]:
     lines = [
         f"stage one on {fig['samples']:,} samples / {fig['tokens']:,} tokens / "
         f"{fig['batches']} batches; codec {s['codec']}, writer threads {s['writer_threads']}, "
+        f"streams {s['streams']}, "
         f"torch threads {fig['machine']['torch_threads']}, nproc {fig['machine']['nproc']}, "
         f"zarr max_workers {s['zarr_max_workers']}, async.concurrency "
         f"{s['zarr_async_concurrency']}; plan: token budget {s['plan']['token_budget']}, "
@@ -464,17 +471,25 @@ def phase_tables(fig: dict[str, Any]) -> list[str]:
     passes = [Pass(**p) for p in fig["passes"]]
     fwd, stage = median_phases(passes, FORWARD), median_phases(passes, STAGE)
     stage_wall = median(passes, STAGE)
+    streamed = fig["settings"].get("streams", 1) > 1  # batches ran in stream threads, summed
+    where = " (stream threads, summed)" if streamed else ""
     rows: list[tuple[str, str | None, float | None, float | None]] = [  # label, phase, fwd, stage
-        ("make_batch", "make_batch", fwd.get("make_batch"), stage.get("make_batch")),
-        ("forward (hidden_states)", "forward", fwd.get("forward"), stage.get("forward")),
+        (f"make_batch{where}", "make_batch", fwd.get("make_batch"), stage.get("make_batch")),
+        (f"forward (hidden_states){where}", "forward", fwd.get("forward"), stage.get("forward")),
     ]
     rows += [(f"  {n}", n, None, stage.get(n)) for n in IN_EXTRACT[1:]]
     inside = sum(stage.get(n, 0.0) for n in IN_EXTRACT)
     rows.append(("  rest of extract_rows", None, None, stage.get("extract_rows", 0.0) - inside))
-    rows += [(n, n, None, stage.get(n)) for n in ("writer.put", "writer.close", "create_store")]
-    main_loop = sum(stage.get(n, 0.0) for n in MAIN_LOOP)
+    rows += [(n, n, None, stage.get(n)) for n in ("writer.put", "writer.finish", "create_store")]
+    on_main = [n for n in MAIN_LOOP if not streamed or n not in ("make_batch", "extract_rows")]
+    rest = "waiting for the streams, " if streamed else ""
     rows.append(
-        ("rest of run_cache (layout, plan, summary, loop)", None, None, stage_wall - main_loop)
+        (
+            f"rest of run_cache ({rest}layout, plan, summary, loop)",
+            None,
+            None,
+            stage_wall - sum(stage.get(n, 0.0) for n in on_main),
+        )
     )
     writer = STAGE_PHASES[-1][2]
     rows.append(("_write_shard, writer threads (summed)", writer, None, stage.get(writer)))
@@ -548,6 +563,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=torch.get_num_threads(),
         help="torch.set_num_threads (default: torch's own default on this machine)",
     )
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=CacheConfig.streams,
+        help="CacheConfig.streams: batches at once through the backbone, in both arms",
+    )
     p.add_argument("--window-mb", type=float, default=CacheConfig.window_mb, help="CacheConfig")
     p.add_argument("--token-budget", type=int, default=CacheConfig.token_budget, help="CacheConfig")
     p.add_argument("--max-batch", type=int, default=CacheConfig.max_batch, help="CacheConfig")
@@ -605,6 +626,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         device="cpu",
         codec=args.codec,
         writer_threads=args.writer_threads,
+        streams=args.streams,
         window_mb=args.window_mb,
         token_budget=args.token_budget,
         max_batch=args.max_batch,
@@ -633,7 +655,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             waited = wait_for_idle(args.idle_wait) if args.idle_wait > 0 else 0.0
             phases = Phases() if args.phases else None
             if arm == FORWARD:
-                result = forward_pass(prep, phases)
+                result = forward_pass(prep, phases, args.streams)
             else:
                 result, summary = stage_pass(cfg, prep, Path(cfg.out), phases, plans)
                 if not same_plan(plans[-1], prep.batches):

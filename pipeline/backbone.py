@@ -14,7 +14,8 @@ import importlib.util
 import inspect
 import json
 import logging
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class Backbone:
     max_length: int
     identity: dict[str, Any]
     tokenizer_identity: dict[str, Any]
+    taps: _Taps | None = field(default=None, repr=False, compare=False)  # see hidden_states
 
     @property
     def n_layers(self) -> int:
@@ -227,6 +229,65 @@ def _first_tensor(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, tuple | list) else value
 
 
+@dataclass
+class _Request:
+    """What one thread's running forward pass wants from the hooks."""
+
+    layers: frozenset[int]
+    deepest: int
+    out: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class _Taps:
+    """Hooks installed once on a backbone's blocks, serving the forward pass of each thread.
+
+    Every thread that calls :func:`hidden_states` sets its own :class:`_Request`; a hook with no
+    request for the current thread does nothing. Hooks are never added or removed while another
+    thread's forward pass iterates over them, so stage one can run several batches at once
+    (``--streams``) through one model.
+    """
+
+    def __init__(self, blocks: nn.ModuleList):
+        self.local = threading.local()
+        blocks[0].register_forward_pre_hook(self._grab_input, with_kwargs=True)
+        for i, block in enumerate(blocks):
+            block.register_forward_hook(self._grab_output(i + 1))
+
+    def request(self) -> _Request | None:
+        return getattr(self.local, "request", None)
+
+    def _grab_input(self, _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        req = self.request()
+        if req is None or 0 not in req.layers:
+            return
+        h = args[0] if args else kwargs["hidden_states"]
+        req.out[0] = h.float()
+        if req.deepest == 0:
+            raise _Stop
+
+    def _grab_output(self, layer: int) -> Any:
+        def grab(_m: nn.Module, _a: Any, output: Any) -> None:
+            req = self.request()
+            if req is None:
+                return
+            if layer in req.layers:
+                req.out[layer] = _first_tensor(output).float()
+            if layer == req.deepest:
+                raise _Stop
+
+        return grab
+
+
+_TAPS_LOCK = threading.Lock()
+
+
+def _taps(bb: Backbone) -> _Taps:
+    with _TAPS_LOCK:
+        if bb.taps is None:
+            bb.taps = _Taps(bb.blocks)
+        return bb.taps
+
+
 @torch.inference_mode()
 def hidden_states(
     bb: Backbone,
@@ -235,45 +296,25 @@ def hidden_states(
     token_type_ids: torch.Tensor | None,
     layers: list[int],
 ) -> dict[int, torch.Tensor]:
-    """Hidden states ``{layer: (B, T, D) float32}`` for the requested layers."""
-    deepest = max(layers)
-    out: dict[int, torch.Tensor] = {}
-    handles = []
-
-    def grab_input(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        h = args[0] if args else kwargs["hidden_states"]
-        out[0] = h.float()
-        if deepest == 0:
-            raise _Stop
-
-    def make_hook(layer: int) -> Any:
-        def grab_output(_m: nn.Module, _a: Any, output: Any) -> None:
-            if layer in layers:
-                out[layer] = _first_tensor(output).float()
-            if layer == deepest:
-                raise _Stop
-
-        return grab_output
-
-    if 0 in layers:
-        handles.append(bb.blocks[0].register_forward_pre_hook(grab_input, with_kwargs=True))
-    for i in range(deepest):
-        handles.append(bb.blocks[i].register_forward_hook(make_hook(i + 1)))
+    """Hidden states ``{layer: (B, T, D) float32}`` for the requested layers. Thread-safe:
+    threads may run batches through the same backbone at once."""
+    taps = _taps(bb)
+    req = _Request(frozenset(layers), max(layers))
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if token_type_ids is not None and bb.takes_token_type_ids:
         kwargs["token_type_ids"] = token_type_ids
     if "use_cache" in inspect.signature(bb.model.forward).parameters:
         kwargs["use_cache"] = False
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bb.device.type == "cuda")
+    taps.local.request = req
     try:
         with autocast:
             bb.model(**kwargs)
     except _Stop:
         pass
     finally:
-        for handle in handles:
-            handle.remove()
-    return {layer: out[layer] for layer in layers}
+        taps.local.request = None
+    return {layer: req.out[layer] for layer in layers}
 
 
 def parse_layers(value: str, n_layers: int) -> list[int]:

@@ -7,6 +7,7 @@ device, gather, cast) -> :class:`storage.StoreWriter` (compress and write on wor
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -23,7 +24,7 @@ from tqdm import tqdm
 from pipeline.backbone import Backbone, load_backbone, parse_layers
 from pipeline.data import ColumnOptions, TextData, describe, head, load_data
 from pipeline.errors import ConfigError
-from pipeline.extract import extract_rows, make_batch
+from pipeline.extract import extract_rows, in_streams, make_batch
 from pipeline.prune import lst_prune
 from pipeline.shards import aligned_window_rows, n_windows, owned_shards, parse_shard
 from pipeline.tokens import (
@@ -36,6 +37,7 @@ from pipeline.tokens import (
 )
 from storage import (
     WHOLE,
+    BatchRows,
     Layout,
     claim,
     create_store,
@@ -86,6 +88,9 @@ class CacheConfig:
     chunk_mb: float = 4.0
     shard_chunks: int = 8
     writer_threads: int = 2
+    # batches run through the backbone at once on CPU, each on its own thread with its share of
+    # torch's threads (pipeline.extract.in_streams); always 1 on CUDA
+    streams: int = 2
     progress: bool = True
     shard: str | None = None  # "I/N": write only worker I's shards of N (pipeline.shards)
     finalize: bool = False  # only finalise a store whose shards are all written
@@ -163,6 +168,11 @@ def validate(cfg: CacheConfig) -> None:
         raise ConfigError(f"--max-length must be at least 2, found {cfg.max_length}")
     if cfg.token_budget < 1 or cfg.max_batch < 1:
         raise ConfigError("--token-budget and --max-batch must be positive")
+    if cfg.streams < 1 or cfg.writer_threads < 1:
+        raise ConfigError(
+            f"--streams and --writer-threads must be 1 or more, found {cfg.streams} and "
+            f"{cfg.writer_threads}"
+        )
     if cfg.batch_cost is not None and cfg.batch_cost < 0:
         raise ConfigError(f"--batch-cost must be 0 or more token slots, found {cfg.batch_cost}")
     if parse_shard(cfg.shard) is not None and cfg.overwrite:
@@ -280,13 +290,18 @@ def _write(
         desc="stage one",
         disable=not cfg.progress,
     )
+    todo = [s for s in batches if needed[s].any()]  # the rest are in shards already on disk
+
+    def rows_of(samples: np.ndarray) -> BatchRows:
+        batch = make_batch(tok, samples, bb.device)
+        return extract_rows(bb, batch, layers, cfg.positions, cfg.dtype)
+
+    streams = cfg.streams if bb.device.type == "cpu" else 1
     try:
-        for samples in batches:
-            if not needed[samples].any():
-                continue  # every row of this batch is in shards already on disk
-            batch = make_batch(tok, samples, bb.device)
-            writer.put(extract_rows(bb, batch, layers, cfg.positions, cfg.dtype))
-            bar.update(int(tok.lengths[samples].sum()))
+        with contextlib.closing(in_streams(rows_of, todo, streams)) as results:
+            for rows in results:
+                writer.put(rows)
+                bar.update(int(tok.lengths[rows.samples].sum()))
         everything = writer.finish()
     except BaseException:
         writer.abort()

@@ -4,7 +4,13 @@ dtype. Stage one, ``verify`` and later ``predict`` share this path so they agree
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -14,6 +20,9 @@ from pipeline.errors import NonFiniteError
 from pipeline.tokens import Tokenized
 from storage import BatchRows
 
+T = TypeVar("T")
+R = TypeVar("R")
+
 
 @dataclass
 class DeviceBatch:
@@ -22,6 +31,14 @@ class DeviceBatch:
     attention_mask: torch.Tensor  # (B, T)
     token_type_ids: torch.Tensor | None  # (B, T)
     lengths: torch.Tensor  # (B,)
+
+    @functools.cached_property
+    def real_slots(self) -> torch.Tensor | None:
+        """Flat indices into ``(B * T)`` of the non-pad token slots, in order; ``None`` when the
+        batch has no padding (most batches of a length-bucketed plan), so gathering is a view."""
+        if bool(self.attention_mask.all()):
+            return None
+        return self.attention_mask.reshape(-1).nonzero().squeeze(1)
 
 
 def make_batch(tok: Tokenized, samples: np.ndarray, device: torch.device) -> DeviceBatch:
@@ -49,7 +66,9 @@ def make_batch(tok: Tokenized, samples: np.ndarray, device: torch.device) -> Dev
 def gather(h: torch.Tensor, batch: DeviceBatch, positions: str) -> torch.Tensor:
     """``(B, T, D)`` hidden states -> ``(R, D)`` stored rows, samples in batch order."""
     if positions == "all":
-        return h[batch.attention_mask.bool()]
+        flat = h.reshape(-1, h.shape[-1])  # (B*T, D), a view
+        real = batch.real_slots
+        return flat if real is None else flat.index_select(0, real)
     if positions == "first":
         return h[:, 0]
     if positions == "last":
@@ -73,8 +92,11 @@ def encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def row_stats(x: torch.Tensor) -> torch.Tensor:
-    """``(R, D)`` -> ``(R, 4)``: sum, sum of squares, min, max per row."""
-    return torch.stack([x.sum(1), (x * x).sum(1), x.amin(1), x.amax(1)], dim=1)
+    """``(R, D)`` -> ``(R, 4)``: sum, sum of squares, min, max per row. The sum of squares is
+    the squared 2-norm: one pass, no ``(R, D)`` temporary (a third of ``(x * x).sum(1)``'s
+    time), equal to it up to float32 rounding."""
+    sumsq = torch.linalg.vector_norm(x, dim=1).square()
+    return torch.stack([x.sum(1), sumsq, x.amin(1), x.amax(1)], dim=1)
 
 
 def check_finite(stats: torch.Tensor, layer: int, batch: DeviceBatch, positions: str) -> None:
@@ -141,3 +163,39 @@ def extract_rows(
         scales=scales if dtype == "int8" else None,
         stats=torch.stack(stats, dim=1).cpu().numpy(),  # (R, L, 4)
     )
+
+
+@contextlib.contextmanager
+def _threads_per_stream(streams: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, before // streams))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Iterator[R]:
+    """``fn`` over ``items``, results in order. With ``streams`` > 1, that many items run at
+    once, each on its own thread, and torch's intra-op threads are divided among them (restored
+    at the end). On a CPU this lets work outside the backbone (the writer's compression, say)
+    take a core from one stream without the other stream spinning at an OpenMP barrier for it.
+    At most ``streams`` + 1 items are taken ahead of the result being consumed."""
+    if streams <= 1:
+        yield from map(fn, items)
+        return
+    with (
+        _threads_per_stream(streams),
+        ThreadPoolExecutor(streams, thread_name_prefix="sidecache-stream") as pool,
+    ):
+        pending: deque[Future[R]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(fn, item))
+                if len(pending) > streams:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for fut in pending:
+                fut.cancel()

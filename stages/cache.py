@@ -84,6 +84,13 @@ def parser() -> argparse.ArgumentParser:
         help="samples are length-sorted within windows of this many stored MB",
     )
     p.add_argument("--writer-threads", type=int, default=2, help="compression/write threads")
+    p.add_argument(
+        "--streams",
+        type=int,
+        default=CacheConfig.streams,
+        help="on CPU, batches run through the backbone at once, each on its own thread with its "
+        "share of torch's threads (CUDA: always 1)",
+    )
     p.add_argument("--chunk-mb", type=float, default=4.0, help="target chunk size")
     p.add_argument("--shard-chunks", type=int, default=8, help="chunks per shard file")
     p.add_argument(
@@ -126,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_cost=args.batch_cost,
         window_mb=args.window_mb,
         writer_threads=args.writer_threads,
+        streams=args.streams,
         chunk_mb=args.chunk_mb,
         shard_chunks=args.shard_chunks,
         progress=not args.no_progress,

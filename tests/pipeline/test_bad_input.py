@@ -148,6 +148,12 @@ CASES = [
         "--batch-cost must be 0 or more",
     ),
     Case(
+        "no backbone streams",
+        lambda t, e: cache(e, t / "o", "--streams", "0"),
+        "ConfigError",
+        "--streams and --writer-threads must be 1 or more, found 0",
+    ),
+    Case(
         "unknown dtype",
         lambda t, e: cache(e, t / "o", "--dtype", "float8"),
         "ConfigError",

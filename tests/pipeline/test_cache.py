@@ -106,6 +106,17 @@ def test_single_position_stores_hold_the_rows_of_the_all_store(model_dir, glue_d
                     assert np.array_equal(rows[s], want)
 
 
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_streams_write_the_same_store_as_one_stream(kind, model_dir, glue_dir, tmp_path):
+    """Batches run in several threads at once (``--streams``), each with its share of torch's
+    threads, and hooks that serve each thread's own request: the store is the same, byte for
+    byte, as one batch at a time."""
+    model, data = model_dir(kind), f"glue:{glue_dir}"
+    small_cache(model, data, tmp_path / "one", streams=1)
+    small_cache(model, data, tmp_path / "three", streams=3)
+    assert_same_store(tmp_path / "one", tmp_path / "three")
+
+
 def store_arrays(path: Path) -> dict[str, np.ndarray]:
     import zarr
 
