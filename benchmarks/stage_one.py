@@ -12,7 +12,8 @@ What it measures, in one process (SST-2 train with MiniLM on the CPU by default)
     ``tokenize`` are patched to hand back objects prepared once before any timing, so the clock
     starts after the backbone is loaded and the data tokenised and covers everything else run_cache
     does: layout, plan, ``create_store`` (including the small arrays), the
-    ``make_batch``/``extract_rows``/``writer.put`` loop, ``writer.finish``, finalising and the final summary.
+    ``make_batch``/``extract_rows``/``writer.put`` loop, ``writer.finish``, finalising and the
+    final summary.
     The plan run_cache computes is recorded and checked to equal the forward-only plan.
     The arms alternate in ABBA order (F S, S F, F S, ...) with ``--repeats`` passes each, so a
     slow drift in machine load hits both arms alike. On a 2-core box a neighbour's burst swamps
