@@ -11,7 +11,13 @@ Arms, interleaved in ABBA order in one process (inputs prepared once, as in
   replaced by a no-op: the writer's scatter into shard buffers, its threads and bookkeeping, no
   compression and no file;
 * ``stage`` — the unmodified ``run_cache``;
-* ``none`` — ``run_cache`` with ``--codec none`` (files written uncompressed).
+* ``none`` — ``run_cache`` with ``--codec none`` (files written uncompressed);
+* ``buffered`` — ``run_cache`` with shard files written through the page cache instead of with
+  ``O_DIRECT`` (``storage.shardfile.DIRECT_WRITES`` off).
+
+Each pass writes into a fresh store folder, the last pass's store deleted first: the kernel may
+hand the freed page cache straight to the next pass's buffered writes, which makes them cheaper
+than in a single run (``benchmarks.stage_one``, one pass per arm, avoids that).
 
 So ``extract - fwd`` is the device-side work, ``nowrite - extract`` the writer's buffers and
 threads, ``stage - nowrite`` compression and file writes.
@@ -43,10 +49,11 @@ from benchmarks.stage_one import (
 )
 from pipeline.cache import CacheConfig
 from pipeline.extract import extract_rows, make_batch
+from storage import shardfile
 from storage.shardfile import ShardFile
 
 log = logging.getLogger("benchmarks.stage_one_ablation")
-ARMS = ("fwd", "extract", "nowrite", "stage", "none")
+ARMS = ("fwd", "extract", "nowrite", "stage", "none", "buffered")
 
 
 def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float]:
@@ -61,8 +68,12 @@ def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float
                 extract_rows(prep.bb, batch, prep.layers, "all", cfg.dtype)
         return record
     run_cfg = replace(cfg, codec="none") if arm == "none" else cfg
-    skip_files = mock.patch.object(ShardFile, "write", lambda *_a, **_k: None)
-    with skip_files if arm == "nowrite" else contextlib.nullcontext():
+    patch: Any = contextlib.nullcontext()
+    if arm == "nowrite":
+        patch = mock.patch.object(ShardFile, "write", lambda *_a, **_k: None)
+    if arm == "buffered":
+        patch = mock.patch.object(shardfile, "DIRECT_WRITES", False)
+    with patch:
         p, _ = stage_pass(run_cfg, prep, out, None, [])
     return {"wall_s": p.wall_s, "cpu_s": p.cpu_s}
 

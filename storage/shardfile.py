@@ -16,6 +16,8 @@ callers then use zarr's own path, which remains the reference.
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import threading
 from dataclasses import dataclass
@@ -59,14 +61,58 @@ def _compressor(codec: Any) -> Any:
     return None
 
 
+ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in whole blocks
+DIRECT_WRITES = hasattr(os, "O_DIRECT")  # switched off (for a process) if the file system says no
+_direct = threading.local()  # each writer thread's reused page-aligned staging buffer
+
+
+def _staging(size: int) -> mmap.mmap:
+    buf: mmap.mmap | None = getattr(_direct, "buf", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = _direct.buf = mmap.mmap(-1, -(-size // (1 << 24)) * (1 << 24))  # 16 MB steps
+    return buf
+
+
+def _write_direct(tmp: Path, data: bytes) -> bool:
+    """Write ``data`` to ``tmp`` with ``O_DIRECT``, past the page cache. ``False`` when the file
+    system refuses ``O_DIRECT`` (tmpfs, some network file systems): the caller then writes
+    through the page cache, and so does every later write of this process."""
+    global DIRECT_WRITES
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        DIRECT_WRITES = False
+        return False
+    try:
+        padded = -(-len(data) // ALIGN) * ALIGN
+        buf = _staging(padded)
+        buf[: len(data)] = data
+        buf[len(data) : padded] = bytes(padded - len(data))
+        with memoryview(buf) as whole:
+            view = whole[:padded]
+            done = 0
+            while done < padded:
+                done += os.write(fd, view[done:])
+            view.release()
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    return True
+
+
 def put_file(final: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``final`` and rename it over ``final``; on any
     failure (a full disk, say) the temporary file is removed and ``final`` is untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        if not (DIRECT_WRITES and _write_direct(tmp, data)):
+            with open(tmp, "wb") as f:
+                f.write(data)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import zarr
 from zarr.codecs import ShardingCodecIndexLocation
 
+from storage import shardfile
 from storage.codecs import compressors_for, parse_codec
 from storage.shardfile import ShardFile, ShardFileError
 
@@ -129,3 +133,40 @@ def test_damage_is_named(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(ShardFileError, match="missing"):
         file.read(SHARD, SHARD + 1, out[:1])
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, (1 << 24) + 5])
+@pytest.mark.parametrize("direct", [True, False])
+def test_put_file_writes_exactly_the_bytes_direct_or_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int, direct: bool
+) -> None:
+    """Shard files go out with O_DIRECT (whole blocks from a page-aligned buffer, then truncated
+    to their length) or, where the file system refuses it, through the page cache: the same
+    bytes either way, a shorter rewrite leaves nothing of the old file, no temporary file."""
+    monkeypatch.setattr(shardfile, "DIRECT_WRITES", direct and shardfile.DIRECT_WRITES)
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    target = tmp_path / "c" / "0"
+    shardfile.put_file(target, data)
+    assert target.read_bytes() == data
+    shardfile.put_file(target, data[: size // 2])
+    assert target.read_bytes() == data[: size // 2]
+    assert [p.name for p in target.parent.iterdir()] == ["0"]
+
+
+def test_a_file_system_without_o_direct_falls_back_to_buffered_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not hasattr(os, "O_DIRECT"):
+        pytest.skip("no O_DIRECT on this platform")
+    real_open = os.open
+
+    def refusing(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(shardfile, "DIRECT_WRITES", True)
+    monkeypatch.setattr(shardfile.os, "open", refusing)
+    shardfile.put_file(tmp_path / "f", b"abc")
+    assert (tmp_path / "f").read_bytes() == b"abc"
+    assert shardfile.DIRECT_WRITES is False  # not tried again by this process
