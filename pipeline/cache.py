@@ -236,7 +236,10 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
         arrays.update(lst_prune(bb, cfg.lst_prune))
     ident = identity(cfg, bb, data, plan, max_length)
     try:
-        return _write(cfg, layout, tok, bb, layers, batches, ident, data.task, arrays, owned)
+        window_shards = max(1, plan.window_rows // layout.shard_rows)  # windows hold whole shards
+        return _write(
+            cfg, layout, tok, bb, layers, batches, ident, data.task, arrays, owned, window_shards
+        )
     except OSError as exc:
         if isinstance(exc, SidecacheError):
             raise
@@ -254,8 +257,10 @@ def _write(
     task: dict[str, Any],
     arrays: dict[str, np.ndarray],
     owned: np.ndarray,
+    window_shards: int,
 ) -> dict[str, Any]:
-    """Create or resume the store and stream every needed batch into it."""
+    """Create or resume the store and stream every needed batch into it. The writer keeps at
+    most one sort window's shard buffers while shards are being written (``buffers``)."""
     with meta_lock(cfg.out):  # shard workers starting together: one creates, the rest resume
         writer = create_store(
             cfg.out,
@@ -265,6 +270,7 @@ def _write(
             arrays,
             overwrite=cfg.overwrite,
             threads=cfg.writer_threads,
+            buffers=window_shards,
         )
     if writer is None:
         log.info("%s is already complete for these settings; nothing to do", cfg.out)

@@ -88,12 +88,14 @@ def create_store(
     *,
     overwrite: bool = False,
     threads: int = 2,
+    buffers: int | None = None,
 ) -> StoreWriter | None:
     """Create (or resume) the store at ``path``; ``None`` when an identical store is complete.
 
     ``arrays`` holds the small per-sample arrays: ``offsets``, ``token_offsets``,
     ``token_ids``, ``labels`` and, when the layout says so, ``token_type_ids``; any other entry
     is stored as is (e.g. ``lst_init/...``). A resumed store keeps the arrays it has.
+    ``buffers``: see :class:`StoreWriter`.
     """
     target = locate(path)
     meta = make_metadata(layout, identity, task)
@@ -113,7 +115,7 @@ def create_store(
             return None
         if existing.get("initialized"):
             log.info("resuming the incomplete store at %s", path)
-            return StoreWriter(path, layout, threads=threads)
+            return StoreWriter(path, layout, threads=threads, buffers=buffers)
         log.info("%s was interrupted while being created; starting it again", path)
         overwrite = True
     elif not overwrite and not target.is_empty():
@@ -124,7 +126,7 @@ def create_store(
     if overwrite:
         target.remove()
     _initialise(path, layout, meta, arrays)
-    return StoreWriter(path, layout, threads=threads)
+    return StoreWriter(path, layout, threads=threads, buffers=buffers)
 
 
 def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[str, Any]) -> None:
@@ -206,9 +208,24 @@ class StoreWriter:
     Rows are scattered straight into per-shard buffers at their final positions (one vectorised
     assignment per layer and batch); a shard goes to a writer thread the moment its last row
     arrives, and rows of shards already on disk are dropped.
+
+    ``buffers`` caps the shard buffers in existence while shards are still being written: a new
+    shard then waits for a written one's buffer instead of taking fresh memory. Stage one passes
+    the shards of one sort window, which all fill at once and finish together: without the cap
+    the next window would take as much fresh memory again, whose first touch (page faults,
+    zeroing, on a VM the host backing it) costs more than waiting for the writer threads, which
+    keep the cores busy meanwhile. ``None``: no cap.
     """
 
-    def __init__(self, path: str, layout: Layout, *, threads: int = 2, max_pending: int = 2):
+    def __init__(
+        self,
+        path: str,
+        layout: Layout,
+        *,
+        threads: int = 2,
+        max_pending: int = 2,
+        buffers: int | None = None,
+    ):
         self.path = str(path)
         self.layout = layout
         self.group = _open_group(path, "r+")
@@ -233,7 +250,8 @@ class StoreWriter:
         # written shards' buffers, reused for later shards: fresh memory costs page faults (and
         # zeroing) on first touch, which competes with the backbone for the CPU
         self._spare: list[_Shard] = []
-        self._spare_lock = threading.Lock()
+        self._spare_lock = threading.Condition()  # notified when a write ends
+        self._buffers, self._cap, self._writing = 0, buffers, 0
         self.done = self._read_done()
         self.owned = np.ones(layout.n_shards, dtype=bool)  # shards this process writes
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sidecache-write")
@@ -312,15 +330,22 @@ class StoreWriter:
         if buf.filled == buf.rows:
             del self._open[shard]
             self._slots.acquire()
+            with self._spare_lock:
+                self._writing += 1
             self._futures.append(self._pool.submit(self._write_shard, shard, buf))
 
     def _new_shard(self, rows: int) -> _Shard:
         with self._spare_lock:
-            for k, spare in enumerate(self._spare):
-                if spare.rows == rows:
-                    buf = self._spare.pop(k)
-                    buf.filled = 0
-                    return buf
+            while True:
+                for k, spare in enumerate(self._spare):
+                    if spare.rows == rows:
+                        buf = self._spare.pop(k)
+                        buf.filled = 0
+                        return buf
+                if self._cap is None or self._buffers < self._cap or not self._writing:
+                    break  # under the cap, or no write in flight that could free a buffer
+                self._spare_lock.wait()
+            self._buffers += 1
         return _Shard(rows, self.layout)
 
     def _write_shard(self, shard: int, buf: _Shard) -> None:
@@ -337,6 +362,9 @@ class StoreWriter:
             with self._spare_lock:  # never more buffers than were once in use at the same time
                 self._spare.append(buf)
         finally:
+            with self._spare_lock:
+                self._writing -= 1
+                self._spare_lock.notify_all()
             self._slots.release()
 
     def _raise_failures(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +22,9 @@ from storage import (
     parse_codec,
     parse_dtype,
 )
+from storage import writer as writer_mod
 from storage.codecs import decode_rows, encode_rows
+from storage.shardfile import ShardFile
 
 DTYPES = ["float32", "float16", "bfloat16", "int8"]
 
@@ -51,7 +55,7 @@ def test_parsers_name_the_bad_value():
         Layout(1, 1, 1, [0], 4, "all", "float32", chunk_rows=3, shard_rows=4)
 
 
-def make_store(tmp_path: Path, dtype: str = "bfloat16", seed: int = 0, n: int = 60):
+def make_store(tmp_path: Path, dtype: str = "bfloat16", seed: int = 0, n: int = 60, **writer: Any):
     rng = np.random.default_rng(seed)
     lengths = rng.integers(1, 30, size=n)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -66,11 +70,11 @@ def make_store(tmp_path: Path, dtype: str = "bfloat16", seed: int = 0, n: int = 
         "labels": rng.integers(0, 2, size=n),
     }
     path = str(tmp_path / f"store-{dtype}-{seed}")
-    writer = create_store(
-        path, layout, {"backbone": {"name": "t"}}, {"type": "classification"}, arrays
+    made = create_store(
+        path, layout, {"backbone": {"name": "t"}}, {"type": "classification"}, arrays, **writer
     )
-    assert writer is not None
-    return path, writer, values, lengths, offsets
+    assert made is not None
+    return path, made, values, lengths, offsets
 
 
 def batch_of(samples, values, lengths, offsets, dtype) -> BatchRows:
@@ -113,6 +117,40 @@ def test_rows_written_in_any_order_read_back_in_dataset_order(tmp_path, dtype):
         assert stats["max"] == pytest.approx(float(want.max()))
     s = reader.sample(5)
     assert s.shape == (lengths[5], 2, 16)
+
+
+@pytest.mark.parametrize("cap", [None, 1])
+def test_a_buffer_cap_reuses_written_shards_buffers(tmp_path, monkeypatch, cap):
+    """With ``buffers`` set, a new shard waits for a written shard's buffer rather than taking
+    fresh memory while writes are in flight (only the shorter last shard needs its own); the
+    store is the same. Without the cap, slow writes make the writer allocate more."""
+    made: list[int] = []
+    real_init, real_write = writer_mod._Shard.__init__, ShardFile.write
+
+    def counting(self: Any, rows: int, layout: Layout) -> None:
+        made.append(rows)
+        real_init(self, rows, layout)
+
+    def slow(self: Any, *args: Any) -> None:
+        time.sleep(0.02)
+        real_write(self, *args)
+
+    monkeypatch.setattr(writer_mod._Shard, "__init__", counting)
+    monkeypatch.setattr(ShardFile, "write", slow)
+    path, writer, values, lengths, offsets = make_store(tmp_path, buffers=cap)
+    assert writer.layout.n_shards >= 5
+    for samples in np.array_split(np.arange(len(lengths)), 40):  # in order: shard after shard
+        writer.put(batch_of(samples, values, lengths, offsets, "bfloat16"))
+    assert writer.close()["complete"]
+    full = writer.layout.shard_rows
+    if cap is None:
+        assert made.count(full) > 1
+    else:
+        assert made.count(full) == 1 and len(made) <= 2
+    reader = open_store(path)
+    for layer, want in values.items():
+        stored, _ = encode_rows(want, "bfloat16")
+        assert np.array_equal(reader.raw_rows(layer, 0, len(want)), stored)
 
 
 def test_a_resumed_writer_only_needs_the_missing_shards(tmp_path):
