@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -123,9 +123,11 @@ def forward_rows_and_stats(
     out = []
     for layer in layers:
         rows = gather(states[layer], batch, positions)  # (R, D)
-        stats = row_stats(rows)  # (R, 4)
-        check_finite(stats, layer, batch, positions)
-        out.append((rows, stats))
+        out.append((rows, row_stats(rows)))  # (R, D), (R, 4)
+    extremes = torch.cat([stats[:, 2:] for _, stats in out], dim=1)  # (R, 2 L): one check
+    if not bool(torch.isfinite(extremes).all()):
+        for layer, (_, stats) in zip(layers, out, strict=True):
+            check_finite(stats, layer, batch, positions)  # raises, naming layer and sample
     return out
 
 
@@ -175,7 +177,7 @@ def _threads_per_stream(streams: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Iterator[R]:
+def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Generator[R, None, None]:
     """``fn`` over ``items``, results in order. With ``streams`` > 1, that many items run at
     once, each on its own thread, and torch's intra-op threads are divided among them (restored
     at the end). On a CPU this lets work outside the backbone (the writer's compression, say)

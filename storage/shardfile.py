@@ -20,6 +20,7 @@ import errno
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,10 +76,10 @@ def _staging(size: int) -> mmap.mmap:
     return buf
 
 
-def _write_direct(tmp: Path, data: bytes) -> bool:
-    """Write ``data`` to ``tmp`` with ``O_DIRECT``, past the page cache. ``False`` when the file
-    system refuses ``O_DIRECT`` (tmpfs, some network file systems): the caller then writes
-    through the page cache, and so does every later write of this process."""
+def _write_direct(tmp: Path, parts: Sequence[bytes]) -> bool:
+    """Write ``parts`` back to back to ``tmp`` with ``O_DIRECT``, past the page cache. ``False``
+    when the file system refuses ``O_DIRECT`` (tmpfs, some network file systems): the caller then
+    writes through the page cache, and so does every later write of this process."""
     global DIRECT_WRITES
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
@@ -88,31 +89,36 @@ def _write_direct(tmp: Path, data: bytes) -> bool:
         DIRECT_WRITES = False
         return False
     try:
-        padded = -(-len(data) // ALIGN) * ALIGN
+        size = sum(len(p) for p in parts)
+        padded = -(-size // ALIGN) * ALIGN
         buf = _staging(padded)
-        buf[: len(data)] = data
-        buf[len(data) : padded] = bytes(padded - len(data))
+        at = 0
+        for part in parts:  # the file's image, assembled once in the aligned buffer
+            buf[at : at + len(part)] = part
+            at += len(part)
+        buf[size:padded] = bytes(padded - size)
         with memoryview(buf) as whole:
             view = whole[:padded]
             done = 0
             while done < padded:
                 done += os.write(fd, view[done:])
             view.release()
-        os.ftruncate(fd, len(data))
+        os.ftruncate(fd, size)
     finally:
         os.close(fd)
     return True
 
 
-def put_file(final: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``final`` and rename it over ``final``; on any
-    failure (a full disk, say) the temporary file is removed and ``final`` is untouched."""
+def put_file(final: Path, parts: Sequence[bytes]) -> None:
+    """Write ``parts`` back to back to a temporary file beside ``final`` and rename it over
+    ``final``; on any failure (a full disk, say) the temporary file is removed and ``final`` is
+    untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        if not (DIRECT_WRITES and _write_direct(tmp, data)):
+        if not (DIRECT_WRITES and _write_direct(tmp, parts)):
             with open(tmp, "wb") as f:
-                f.write(data)
+                f.writelines(parts)
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -187,6 +193,10 @@ class ShardFile:
     # -- writing ---------------------------------------------------------------------------------
     def encode(self, shard: int, rows: np.ndarray) -> bytes:
         """The bytes of shard ``shard`` holding ``rows`` (all of the shard's rows in the array)."""
+        return b"".join(self._parts(shard, rows))
+
+    def _parts(self, shard: int, rows: np.ndarray) -> list[bytes]:
+        """:meth:`encode`'s bytes in pieces (each chunk, its crc32c, the index, its crc32c)."""
         start = shard * self.shard_rows
         n = min(self.shard_rows, self.n_rows - start)
         if rows.shape != (n, *self.row_shape):
@@ -210,13 +220,12 @@ class ShardFile:
             index[k] = (at, len(body) + 4)
             at += len(body) + 4
         table = index.tobytes()
-        parts += [table, _crc(table)]
-        return b"".join(parts)
+        return [*parts, table, _crc(table)]
 
     def write(self, shard: int, rows: np.ndarray) -> None:
         """Write shard ``shard`` atomically (:func:`put_file`): a killed process never leaves a
         torn shard file behind."""
-        put_file(self.path(shard), self.encode(shard, rows))
+        put_file(self.path(shard), self._parts(shard, rows))
 
     # -- reading ---------------------------------------------------------------------------------
     def read(self, start: int, stop: int, out: np.ndarray) -> None:

@@ -68,9 +68,9 @@ def quota(monkeypatch: pytest.MonkeyPatch, under: Path, limit: int, code: int) -
         count(path, len(value.as_buffer_like()))
         return real_zarr(path, value, exclusive)
 
-    def put_file(path: Path, data: bytes) -> None:
-        count(path, len(data))
-        real_shard(path, data)
+    def put_file(path: Path, parts: list[bytes]) -> None:
+        count(path, sum(len(p) for p in parts))
+        real_shard(path, parts)
 
     with monkeypatch.context() as m:
         m.setattr(zarr_local, "_put", put)

@@ -146,9 +146,9 @@ def test_put_file_writes_exactly_the_bytes_direct_or_buffered(
     monkeypatch.setattr(shardfile, "DIRECT_WRITES", direct and shardfile.DIRECT_WRITES)
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     target = tmp_path / "c" / "0"
-    shardfile.put_file(target, data)
+    shardfile.put_file(target, [data[:3], data[3:]])
     assert target.read_bytes() == data
-    shardfile.put_file(target, data[: size // 2])
+    shardfile.put_file(target, [data[: size // 2]])
     assert target.read_bytes() == data[: size // 2]
     assert [p.name for p in target.parent.iterdir()] == ["0"]
 
@@ -167,6 +167,6 @@ def test_a_file_system_without_o_direct_falls_back_to_buffered_writes(
 
     monkeypatch.setattr(shardfile, "DIRECT_WRITES", True)
     monkeypatch.setattr(shardfile.os, "open", refusing)
-    shardfile.put_file(tmp_path / "f", b"abc")
+    shardfile.put_file(tmp_path / "f", [b"ab", b"c"])
     assert (tmp_path / "f").read_bytes() == b"abc"
     assert shardfile.DIRECT_WRITES is False  # not tried again by this process
