@@ -302,7 +302,7 @@ def _write(
         batch = make_batch(tok, samples, bb.device)
         return extract_rows(bb, batch, layers, cfg.positions, cfg.dtype)
 
-    streams = cfg.streams if bb.device.type == "cpu" else 1
+    streams = min(cfg.streams, torch.get_num_threads()) if bb.device.type == "cpu" else 1
     try:
         with contextlib.closing(in_streams(rows_of, todo, streams)) as results:
             for rows in results:
