@@ -6,7 +6,7 @@ What it measures, in one process (SST-2 train with MiniLM on the CPU by default)
     *forward-only* takes the batch plan that :func:`pipeline.cache.run_cache` would use
     (:func:`pipeline.tokens.plan_batches` with :func:`pipeline.cache.plan_settings`) and runs
     :func:`pipeline.extract.make_batch` plus :func:`pipeline.backbone.hidden_states` for the same
-    layers on every batch, and nothing else.
+    layers on every batch, and nothing else, in as many ``--streams`` as stage one.
     *stage one* is the unmodified :func:`pipeline.cache.run_cache` into a fresh store
     (``overwrite=True``, ``progress=False``). Its ``load_data``, ``load_backbone`` and
     ``tokenize`` are patched to hand back objects prepared once before any timing, so the clock

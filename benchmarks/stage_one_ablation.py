@@ -15,9 +15,10 @@ Arms, interleaved in ABBA order in one process (inputs prepared once, as in
 * ``buffered`` — ``run_cache`` with shard files written through the page cache instead of with
   ``O_DIRECT`` (``storage.shardfile.DIRECT_WRITES`` off).
 
-Each pass writes into a fresh store folder, the last pass's store deleted first: the kernel may
-hand the freed page cache straight to the next pass's buffered writes, which makes them cheaper
-than in a single run (``benchmarks.stage_one``, one pass per arm, avoids that).
+Each stage-one pass deletes the last pass's store first. The kernel may then hand the freed page
+cache to the next pass's buffered writes, cheaper than the fresh page cache of a single run: a
+guess, not checked, for why this arm showed no gain from ``O_DIRECT`` on 20k sentences while
+:mod:`benchmarks.stage_one` on all of SST-2 did (BENCHMARKS.md, stage one, session 8).
 
 So ``extract - fwd`` is the device-side work, ``nowrite - extract`` the writer's buffers and
 threads, ``stage - nowrite`` compression and file writes.

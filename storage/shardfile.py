@@ -77,9 +77,10 @@ def _staging(size: int) -> mmap.mmap:
 
 
 def _write_direct(tmp: Path, parts: Sequence[bytes]) -> bool:
-    """Write ``parts`` back to back to ``tmp`` with ``O_DIRECT``, past the page cache. ``False``
-    when the file system refuses ``O_DIRECT`` (tmpfs, some network file systems): the caller then
-    writes through the page cache, and so does every later write of this process."""
+    """Write ``parts`` back to back to ``tmp`` with ``O_DIRECT``, past the page cache (which, on a
+    CPU-bound run, costs more CPU to fill than the compression). ``False`` when the file system
+    refuses ``O_DIRECT`` on open or write (tmpfs, some network or FUSE file systems): the caller
+    then writes through the page cache, and so does every later write of this process."""
     global DIRECT_WRITES
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
@@ -100,9 +101,16 @@ def _write_direct(tmp: Path, parts: Sequence[bytes]) -> bool:
         with memoryview(buf) as whole:
             view = whole[:padded]
             done = 0
-            while done < padded:
-                done += os.write(fd, view[done:])
-            view.release()
+            try:
+                while done < padded:
+                    done += os.write(fd, view[done:])
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                DIRECT_WRITES = False  # opened, but the writes are refused: write normally
+                return False
+            finally:
+                view.release()
         os.ftruncate(fd, size)
     finally:
         os.close(fd)

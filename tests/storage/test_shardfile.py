@@ -153,20 +153,31 @@ def test_put_file_writes_exactly_the_bytes_direct_or_buffered(
     assert [p.name for p in target.parent.iterdir()] == ["0"]
 
 
+@pytest.mark.parametrize("refuses", ["open", "write"])
 def test_a_file_system_without_o_direct_falls_back_to_buffered_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuses: str
 ) -> None:
     if not hasattr(os, "O_DIRECT"):
         pytest.skip("no O_DIRECT on this platform")
-    real_open = os.open
+    real_open, real_write = os.open, os.write
+    direct_fds: set[int] = set()
 
-    def refusing(path: Any, flags: int, *args: Any) -> int:
-        if flags & os.O_DIRECT:
+    def opening(path: Any, flags: int, *args: Any) -> int:
+        if flags & os.O_DIRECT and refuses == "open":
             raise OSError(errno.EINVAL, "Invalid argument", str(path))
-        return real_open(path, flags, *args)
+        fd = real_open(path, flags, *args)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def writing(fd: int, data: Any) -> int:
+        if fd in direct_fds:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
 
     monkeypatch.setattr(shardfile, "DIRECT_WRITES", True)
-    monkeypatch.setattr(shardfile.os, "open", refusing)
+    monkeypatch.setattr(shardfile.os, "open", opening)
+    monkeypatch.setattr(shardfile.os, "write", writing)
     shardfile.put_file(tmp_path / "f", [b"ab", b"c"])
     assert (tmp_path / "f").read_bytes() == b"abc"
     assert shardfile.DIRECT_WRITES is False  # not tried again by this process
