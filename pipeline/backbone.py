@@ -58,7 +58,7 @@ class Backbone:
     max_length: int
     identity: dict[str, Any]
     tokenizer_identity: dict[str, Any]
-    taps: _Taps | None = field(default=None, repr=False, compare=False)  # see hidden_states
+    taps: _Taps = field(repr=False, compare=False)  # the hooks hidden_states reads through
 
     @property
     def n_layers(self) -> int:
@@ -124,6 +124,7 @@ def load_backbone(name: str, device: str = "auto", revision: str | None = None) 
         max_length=_max_length(tokenizer, config),
         identity=model_identity(name, source, revision, config, model),
         tokenizer_identity=tokenizer_identity(tokenizer),
+        taps=_Taps(blocks),
     )
 
 
@@ -278,16 +279,6 @@ class _Taps:
         return grab
 
 
-_TAPS_LOCK = threading.Lock()
-
-
-def _taps(bb: Backbone) -> _Taps:
-    with _TAPS_LOCK:
-        if bb.taps is None:
-            bb.taps = _Taps(bb.blocks)
-        return bb.taps
-
-
 @torch.inference_mode()
 def hidden_states(
     bb: Backbone,
@@ -298,7 +289,7 @@ def hidden_states(
 ) -> dict[int, torch.Tensor]:
     """Hidden states ``{layer: (B, T, D) float32}`` for the requested layers. Thread-safe:
     threads may run batches through the same backbone at once."""
-    taps = _taps(bb)
+    taps = bb.taps
     req = _Request(frozenset(layers), max(layers))
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
     if token_type_ids is not None and bb.takes_token_type_ids:

@@ -26,7 +26,13 @@ from pipeline.data import ColumnOptions, TextData, describe, head, load_data
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_rows, in_streams, make_batch
 from pipeline.prune import lst_prune
-from pipeline.shards import aligned_window_rows, n_windows, owned_shards, parse_shard
+from pipeline.shards import (
+    aligned_window_rows,
+    n_windows,
+    owned_shards,
+    parse_shard,
+    window_shards,
+)
 from pipeline.tokens import (
     BATCH_COST,
     PlanSettings,
@@ -236,9 +242,9 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
         arrays.update(lst_prune(bb, cfg.lst_prune))
     ident = identity(cfg, bb, data, plan, max_length)
     try:
-        window_shards = max(1, plan.window_rows // layout.shard_rows)  # windows hold whole shards
+        per_window = window_shards(plan.window_rows, layout.shard_rows)
         return _write(
-            cfg, layout, tok, bb, layers, batches, ident, data.task, arrays, owned, window_shards
+            cfg, layout, tok, bb, layers, batches, ident, data.task, arrays, owned, per_window
         )
     except OSError as exc:
         if isinstance(exc, SidecacheError):
@@ -302,7 +308,7 @@ def _write(
         batch = make_batch(tok, samples, bb.device)
         return extract_rows(bb, batch, layers, cfg.positions, cfg.dtype)
 
-    streams = min(cfg.streams, torch.get_num_threads()) if bb.device.type == "cpu" else 1
+    streams = cfg.streams if bb.device.type == "cpu" else 1
     try:
         with contextlib.closing(in_streams(rows_of, todo, streams)) as results:
             for rows in results:

@@ -182,7 +182,9 @@ def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Genera
     once, each on its own thread, and torch's intra-op threads are divided among them (restored
     at the end). On a CPU this lets work outside the backbone (the writer's compression, say)
     take a core from one stream without the other stream spinning at an OpenMP barrier for it.
-    At most ``streams`` + 1 items are taken ahead of the result being consumed."""
+    At most ``streams`` + 1 items are taken ahead of the result being consumed. There are never
+    more streams than torch has threads."""
+    streams = min(streams, torch.get_num_threads())
     if streams <= 1:
         yield from map(fn, items)
         return

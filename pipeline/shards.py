@@ -32,9 +32,14 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def window_shards(window_rows: int, shard_rows: int) -> int:
+    """Whole shards in a window (at least one)."""
+    return max(1, window_rows // shard_rows)
+
+
 def aligned_window_rows(window_rows: int, shard_rows: int) -> int:
     """Round a window down to whole shards (at least one)."""
-    return max(1, window_rows // shard_rows) * shard_rows
+    return window_shards(window_rows, shard_rows) * shard_rows
 
 
 def owned_shards(layout: Layout, window_rows: int, shard: tuple[int, int] | None) -> np.ndarray:
@@ -42,7 +47,7 @@ def owned_shards(layout: Layout, window_rows: int, shard: tuple[int, int] | None
     every = np.arange(layout.n_shards)
     if shard is None:
         return np.ones(layout.n_shards, dtype=bool)
-    per_window = max(1, window_rows // layout.shard_rows)
+    per_window = window_shards(window_rows, layout.shard_rows)
     index, count = shard
     return (every // per_window) % count == index
 
