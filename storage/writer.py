@@ -206,7 +206,8 @@ class StoreWriter:
     """Streams :class:`BatchRows` into the shards of an initialised, incomplete store.
 
     Rows are scattered straight into per-shard buffers at their final positions (one vectorised
-    assignment per layer and batch); a shard goes to a writer thread the moment its last row
+    assignment per layer, shard and batch; a batch whose samples come in store order hands each
+    shard a slice of its rows, with no copy); a shard goes to a writer thread the moment its last row
     arrives, and rows of shards already on disk are dropped.
 
     ``buffers`` caps the shard buffers in existence while shards are still being written: a new
@@ -301,31 +302,28 @@ class StoreWriter:
         first_of_sample = np.repeat(self.offsets[samples] - (np.cumsum(counts) - counts), counts)
         dest = first_of_sample + np.arange(total)
         shard_of = dest // self.layout.shard_rows
-        shards = np.unique(shard_of).tolist()
-        for shard in shards:
+        shards, firsts = np.unique(shard_of, return_index=True)
+        in_order = bool((shard_of[1:] >= shard_of[:-1]).all())
+        bounds = [*firsts.tolist(), total]
+        for k, shard in enumerate(shards.tolist()):
             if self.done[shard] or not self.owned[shard]:
                 continue  # on disk already (a resumed run) or another worker's: not needed
-            if len(shards) == 1:
-                self._fill(shard, dest, batch, None)
-            else:
-                sel = np.flatnonzero(shard_of == shard)
-                self._fill(shard, dest[sel], batch, sel)
+            # samples in store order (as stage one sends them): each shard's rows are a slice
+            # of the batch, a view; otherwise pick them out
+            sel = slice(bounds[k], bounds[k + 1]) if in_order else np.flatnonzero(shard_of == shard)
+            self._fill(shard, dest[sel], batch, sel)
 
-    def _fill(self, shard: int, dest: np.ndarray, batch: BatchRows, sel: np.ndarray | None) -> None:
+    def _fill(self, shard: int, dest: np.ndarray, batch: BatchRows, sel: slice | np.ndarray) -> None:
         start, stop = self.layout.shard_range(shard)
         buf = self._open.get(shard)
         if buf is None:
             buf = self._open[shard] = self._new_shard(stop - start)
         pos = dest - start
-
-        def take(x: np.ndarray) -> np.ndarray:
-            return x if sel is None else x[sel]
-
         for j, rows in enumerate(batch.layers):
-            buf.layers[j][pos] = take(rows)
+            buf.layers[j][pos] = rows[sel]
             if buf.scales is not None and batch.scales is not None:
-                buf.scales[j][pos] = take(batch.scales[j])
-        buf.stats[pos] = take(batch.stats)
+                buf.scales[j][pos] = batch.scales[j][sel]
+        buf.stats[pos] = batch.stats[sel]
         buf.filled += len(pos)
         if buf.filled == buf.rows:
             del self._open[shard]
