@@ -318,7 +318,8 @@ def _write(
 
     streams = cfg.streams if bb.device.type == "cpu" else 1
     try:
-        with contextlib.closing(in_streams(rows_of, todo, streams, AHEAD_PER_STREAM * streams)) as results:
+        ahead = AHEAD_PER_STREAM * streams
+        with contextlib.closing(in_streams(rows_of, todo, streams, ahead)) as results:
             for rows in results:
                 writer.put(rows)
                 bar.update(int(tok.lengths[rows.samples].sum()))

@@ -207,8 +207,8 @@ class StoreWriter:
 
     Rows are scattered straight into per-shard buffers at their final positions (one vectorised
     assignment per layer, shard and batch; a batch whose samples come in store order hands each
-    shard a slice of its rows, with no copy); a shard goes to a writer thread the moment its last row
-    arrives, and rows of shards already on disk are dropped.
+    shard a slice of its rows, with no copy); a shard goes to a writer thread the moment its
+    last row arrives, and rows of shards already on disk are dropped.
 
     ``buffers`` caps the shard buffers in existence while shards are still being written: a new
     shard then waits for a written one's buffer instead of taking fresh memory. Stage one passes
@@ -313,7 +313,9 @@ class StoreWriter:
             sel = slice(bounds[k], bounds[k + 1]) if in_order else np.flatnonzero(shard_of == shard)
             self._fill(shard, dest[sel], batch, sel)
 
-    def _fill(self, shard: int, dest: np.ndarray, batch: BatchRows, sel: slice | np.ndarray) -> None:
+    def _fill(
+        self, shard: int, dest: np.ndarray, batch: BatchRows, sel: slice | np.ndarray
+    ) -> None:
         start, stop = self.layout.shard_range(shard)
         buf = self._open.get(shard)
         if buf is None:
