@@ -15,6 +15,9 @@ Arms, interleaved in ABBA order in one process (inputs prepared once, as in
 * ``buffered`` — ``run_cache`` with shard files written through the page cache instead of with
   ``O_DIRECT`` (``storage.shardfile.DIRECT_WRITES`` off).
 
+Every arm runs the backbone in ``--streams`` streams (``pipeline.extract.in_streams``), as stage
+one does.
+
 Each stage-one pass deletes the last pass's store first. The kernel may then hand the freed page
 cache to the next pass's buffered writes, cheaper than the fresh page cache of a single run: a
 guess, not checked, for why this arm showed no gain from ``O_DIRECT`` on 20k sentences while
@@ -24,6 +27,7 @@ So ``extract - fwd`` is the device-side work, ``nowrite - extract`` the writer's
 threads, ``stage - nowrite`` compression and file writes.
 
     .venv/bin/python -m benchmarks.stage_one_ablation --limit 40000 --repeats 2
+    .venv/bin/python -m benchmarks.stage_one_ablation --limit 0 --arms fwd,extract,stage
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from benchmarks.stage_one import (
     warm_up,
 )
 from pipeline.cache import CacheConfig
-from pipeline.extract import extract_rows, make_batch
+from pipeline.extract import extract_rows, in_streams, make_batch
 from storage import shardfile
 from storage.shardfile import ShardFile
 
@@ -59,14 +63,18 @@ ARMS = ("fwd", "extract", "nowrite", "stage", "none", "buffered")
 
 def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float]:
     if arm == "fwd":
-        p: Pass = forward_pass(prep, None)
+        p: Pass = forward_pass(prep, None, cfg.streams)
         return {"wall_s": p.wall_s, "cpu_s": p.cpu_s}
     if arm == "extract":
+
+        def rows(samples: Any) -> Any:
+            batch = make_batch(prep.tok, samples, prep.bb.device)
+            return extract_rows(prep.bb, batch, prep.layers, "all", cfg.dtype)
+
         record: dict[str, float] = {}
         with clock(record):
-            for samples in prep.batches:
-                batch = make_batch(prep.tok, samples, prep.bb.device)
-                extract_rows(prep.bb, batch, prep.layers, "all", cfg.dtype)
+            for _ in in_streams(rows, prep.batches, cfg.streams):
+                pass
         return record
     run_cfg = replace(cfg, codec="none") if arm == "none" else cfg
     patch: Any = contextlib.nullcontext()
@@ -82,7 +90,8 @@ def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=SST2)
-    ap.add_argument("--limit", type=int, default=40000)
+    ap.add_argument("--limit", type=int, default=40000, help="first N samples; 0: all")
+    ap.add_argument("--streams", type=int, default=CacheConfig.streams, help="CacheConfig")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
     args = ap.parse_args(argv)
@@ -96,8 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="stage-one-ablation-") as tmp:
         out = Path(tmp) / "store"
         cfg = CacheConfig(
-            backbone="minilm", data=args.data, split="train", out=str(out), limit=args.limit,
-            progress=False,
+            backbone="minilm", data=args.data, split="train", out=str(out),
+            limit=args.limit or None, streams=args.streams, progress=False,
         )  # fmt: skip
         prep = prepare(cfg)
         warm_up(prep, 8)

@@ -55,3 +55,35 @@ def test_a_checkpoint_without_pooler_loads_the_same_every_time(tmp_path, caplog)
     assert "pooler" in caplog.text and "initialised at random" in caplog.text
     assert torch.equal(torch.get_rng_state(), before)  # the caller's random stream is untouched
     assert load_backbone(folder, "cpu").identity["weights_hash"] == first
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_samples_rows_do_not_depend_on_its_place_in_the_batch(kind, model_dir):
+    """Stage one runs each batch's samples in store order (the writer then hands each shard a
+    slice of the batch); the rows must be the same, bit for bit, in any order."""
+    from pipeline.backbone import load_backbone
+    from pipeline.extract import extract_rows, make_batch
+    from pipeline.tokens import Tokenized
+
+    bb = load_backbone(model_dir(kind), "cpu")
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 12, size=9)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = rng.integers(5, 90, size=int(offsets[-1])).astype(np.int32)
+    types = np.zeros_like(ids, dtype=np.int8) if bb.takes_token_type_ids else None
+    tok = Tokenized(ids=ids, type_ids=types, offsets=offsets)
+    layers = list(range(bb.n_layers))
+
+    def per_sample(samples: np.ndarray) -> dict[int, list[np.ndarray]]:
+        rows = extract_rows(bb, make_batch(tok, samples, bb.device), layers, "all", "float32")
+        ends = np.cumsum(rows.rows_per_sample)
+        return {
+            int(s): [np.split(layer, ends[:-1])[i] for layer in rows.layers]
+            for i, s in enumerate(rows.samples)
+        }
+
+    in_order = per_sample(np.arange(9))
+    shuffled = per_sample(rng.permutation(9))
+    for s in range(9):
+        for a, b in zip(in_order[s], shuffled[s], strict=True):
+            assert np.array_equal(a, b), f"{kind} sample {s}"

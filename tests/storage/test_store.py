@@ -99,11 +99,15 @@ def batch_of(samples, values, lengths, offsets, dtype) -> BatchRows:
     )
 
 
+@pytest.mark.parametrize("sort", [False, True], ids=["shuffled", "store-order"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rows_written_in_any_order_read_back_in_dataset_order(tmp_path, dtype):
+def test_rows_written_in_any_order_read_back_in_dataset_order(tmp_path, dtype, sort):
+    """Batches of random samples, their samples shuffled or in store order (as stage one sends
+    them: each shard then gets a slice of the batch) give the same store."""
     path, writer, values, lengths, offsets = make_store(tmp_path, dtype)
     order = np.random.default_rng(1).permutation(len(lengths))
     for samples in np.array_split(order, 9):
+        samples = np.sort(samples) if sort else samples
         writer.put(batch_of(samples, values, lengths, offsets, dtype))
     meta = writer.close()
     assert meta["complete"]
