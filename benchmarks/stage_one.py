@@ -241,13 +241,13 @@ def clock(record: dict[str, float]) -> Iterator[None]:
 
 def forward_pass(prep: Prepared, phases: Phases | None, streams: int = 1) -> Pass:
     """make_batch + hidden_states over the plan, nothing else, in as many streams as stage
-    one runs (``pipeline.extract.in_streams``)."""
+    one runs (``pipeline.extract.in_streams``) and with each batch's samples in store order."""
     build, run = make_batch, hidden_states
     if phases is not None:
         build, run = phases.wrap("make_batch", build), phases.wrap("forward", run)
 
     def one(samples: np.ndarray) -> None:
-        batch = build(prep.tok, samples, prep.bb.device)
+        batch = build(prep.tok, np.sort(samples), prep.bb.device)  # in store order, as stage one
         run(prep.bb, batch.input_ids, batch.attention_mask, batch.token_type_ids, prep.layers)
 
     record: dict[str, float] = {}
