@@ -61,7 +61,6 @@ from storage.errors import DiskFullError, SidecacheError, StoreWriteError
 
 log = logging.getLogger(__name__)
 EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.35, "int8": 1.2}
-AHEAD_PER_STREAM = 4  # finished batches per stream that may wait for the writer (see _write)
 
 
 @dataclass
@@ -267,12 +266,7 @@ def _write(
     window_shards: int,
 ) -> dict[str, Any]:
     """Create or resume the store and stream every needed batch into it. The writer keeps at
-    most one sort window's shard buffers while shards are being written (``buffers``). The
-    streams may finish up to ``AHEAD_PER_STREAM`` batches each ahead of the writer, so the
-    backbone goes on while the writer is held up: by the page faults of the first window's
-    fresh buffers (~1 GB at the default window) and, at each window's end, while it waits for
-    a written shard's buffer. Against one batch past the streams, 20k SST-2 sentences went from
-    1.17 to 1.13 times the forward-only time (BENCHMARKS.md, stage one, session 9)."""
+    most one sort window's shard buffers while shards are being written (``buffers``)."""
     with meta_lock(cfg.out):  # shard workers starting together: one creates, the rest resume
         writer = create_store(
             cfg.out,
@@ -318,8 +312,7 @@ def _write(
 
     streams = cfg.streams if bb.device.type == "cpu" else 1
     try:
-        ahead = AHEAD_PER_STREAM * streams
-        with contextlib.closing(in_streams(rows_of, todo, streams, ahead)) as results:
+        with contextlib.closing(in_streams(rows_of, todo, streams)) as results:
             for rows in results:
                 writer.put(rows)
                 bar.update(int(tok.lengths[rows.samples].sum()))

@@ -177,21 +177,17 @@ def _threads_per_stream(streams: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def in_streams(
-    fn: Callable[[T], R], items: Iterable[T], streams: int, ahead: int | None = None
-) -> Generator[R, None, None]:
+def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Generator[R, None, None]:
     """``fn`` over ``items``, results in order. With ``streams`` > 1, that many items run at
     once, each on its own thread, and torch's intra-op threads are divided among them (restored
     at the end). On a CPU this lets work outside the backbone (the writer's compression, say)
     take a core from one stream without the other stream spinning at an OpenMP barrier for it.
-    At most ``ahead`` items (default ``streams`` + 1) are taken ahead of the result being
-    consumed: more lets the streams go on while the consumer is held up for a while. There are
-    never more streams than torch has threads."""
+    At most ``streams`` + 1 items are taken ahead of the result being consumed. There are never
+    more streams than torch has threads."""
     streams = min(streams, torch.get_num_threads())
     if streams <= 1:
         yield from map(fn, items)
         return
-    ahead = max(streams + 1, ahead or 0)
     with (
         _threads_per_stream(streams),
         ThreadPoolExecutor(streams, thread_name_prefix="sidecache-stream") as pool,
@@ -200,7 +196,7 @@ def in_streams(
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) >= ahead:
+                if len(pending) > streams:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
