@@ -15,18 +15,16 @@ Arms, interleaved in ABBA order in one process (inputs prepared once, as in
 * ``buffered`` — ``run_cache`` with shard files written through the page cache instead of with
   ``O_DIRECT`` (``storage.shardfile.DIRECT_WRITES`` off).
 
-A stage-one pass right after a forward-only pass takes its shard buffers from fresh memory
-(the previous stage pass's was handed back to the host meanwhile), which on this VM costs ~1.5 s
-more on 20k sentences than a pass right after another stage pass: compare stage-type arms by
-passes that follow the same kind of pass, or list ``fwd`` last.
+A stage-one pass right after a forward-only pass is ~1.5 s slower on 20k sentences than one
+right after another stage pass (likely: its shard buffers come from fresh memory, as the last
+stage pass's has been handed back to the VM's host meanwhile): compare stage-type arms by
+passes that follow the same kind of pass. Session 8's ``buffered`` arm shows no gain from
+``O_DIRECT`` even so (20k: ``stage`` 25.01 s after ``buffered``, ``buffered`` 24.80 and 24.96 s;
+``stage`` took 25.82 s after ``fwd``); each pass there deletes the last pass's store first, and
+the freed page cache may make buffered writes cheap, a guess not checked.
 
 Every arm runs the backbone in ``--streams`` streams (``pipeline.extract.in_streams``), as stage
 one does.
-
-Each stage-one pass deletes the last pass's store first. The kernel may then hand the freed page
-cache to the next pass's buffered writes, cheaper than the fresh page cache of a single run: a
-guess, not checked, for why this arm showed no gain from ``O_DIRECT`` on 20k sentences while
-:mod:`benchmarks.stage_one` on all of SST-2 did (BENCHMARKS.md, stage one, session 8).
 
 So ``extract - fwd`` is the device-side work, ``nowrite - extract`` the writer's buffers and
 threads, ``stage - nowrite`` compression and file writes.
