@@ -208,6 +208,8 @@ class Pass:
     cpu_s: float  # whole process, every thread (torch's pool, zarr's pool, writer threads)
     main_cpu_s: float  # the main thread only
     others_cpu_s: float  # every other process on the machine (a busy neighbour skews a pass)
+    sys_cpu_s: float = 0.0  # the process's kernel time: page faults on fresh memory, mostly
+    minor_faults: int = 0  # the process's minor page faults (first touches of fresh memory)
     phases: dict[str, float] = field(default_factory=dict)
     waited_s: float = 0.0  # waited for other processes to go quiet before the pass
 
@@ -215,6 +217,12 @@ class Pass:
 def process_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def process_sys() -> tuple[float, int]:
+    """The process's kernel CPU seconds and minor page faults so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_stime, usage.ru_minflt
 
 
 def machine_cpu() -> float:
@@ -231,10 +239,13 @@ def machine_cpu() -> float:
 def clock(record: dict[str, float]) -> Iterator[None]:
     """Fill ``record`` with wall, process CPU, main-thread CPU and other processes' CPU."""
     busy, cpu, main = machine_cpu(), process_cpu(), time.thread_time()
+    sys_s, faults = process_sys()
     wall = time.perf_counter()
     yield
     record["wall_s"] = time.perf_counter() - wall
     record["cpu_s"] = process_cpu() - cpu
+    sys_after, faults_after = process_sys()
+    record["sys_cpu_s"], record["minor_faults"] = sys_after - sys_s, faults_after - faults
     record["main_cpu_s"] = time.thread_time() - main
     record["others_cpu_s"] = max(0.0, machine_cpu() - busy - record["cpu_s"])
 
@@ -513,15 +524,17 @@ def phase_tables(fig: dict[str, Any]) -> list[str]:
     ]
     lines += [
         "",
-        "| arm (medians) | wall s | process CPU s | CPU ÷ wall | main-thread CPU s | "
-        "other processes' CPU s |",
-        "|---|---|---|---|---|---|",
+        "| arm (medians) | wall s | process CPU s | CPU ÷ wall | of it kernel s | minor faults "
+        "| main-thread CPU s | other processes' CPU s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm in (FORWARD, STAGE):
         wall, cpu = median(passes, arm), median(passes, arm, "cpu_s")
         main, others = median(passes, arm, "main_cpu_s"), median(passes, arm, "others_cpu_s")
+        kernel, faults = median(passes, arm, "sys_cpu_s"), median(passes, arm, "minor_faults")
         lines.append(
-            f"| {arm} | {wall:.1f} | {cpu:.1f} | {cpu / wall:.2f} | {main:.1f} | {others:.1f} |"
+            f"| {arm} | {wall:.1f} | {cpu:.1f} | {cpu / wall:.2f} | {kernel:.1f} | {faults:,.0f} "
+            f"| {main:.1f} | {others:.1f} |"
         )
     if fig.get("layer_bytes"):
         lines += ["", "| layer | on-disk MB | compression ratio |", "|---|---|---|"]

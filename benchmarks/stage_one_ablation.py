@@ -13,12 +13,17 @@ Arms, interleaved in ABBA order in one process (inputs prepared once, as in
 * ``stage`` — the unmodified ``run_cache``;
 * ``none`` — ``run_cache`` with ``--codec none`` (files written uncompressed);
 * ``buffered`` — ``run_cache`` with shard files written through the page cache instead of with
-  ``O_DIRECT`` (``storage.shardfile.DIRECT_WRITES`` off).
+  ``O_DIRECT`` (``storage.shardfile.DIRECT_WRITES`` off);
+* ``hugepages`` — ``run_cache`` with the writer's shard buffers from ``np.empty`` (numpy asks
+  for transparent huge pages) instead of :func:`storage.writer.small_pages`;
+* ``shallow`` — ``run_cache`` with the streams at most one batch ahead of the writer
+  (``pipeline.cache.AHEAD_SHARE`` 0) instead of an eighth of a window.
 
 A stage-one pass right after a forward-only pass is ~1.5 s slower on 20k sentences than one
 right after another stage pass (likely: its shard buffers come from fresh memory, as the last
 stage pass's has been handed back to the VM's host meanwhile): compare stage-type arms by
-passes that follow the same kind of pass. Session 8's ``buffered`` arm shows no gain from
+passes that follow the same kind of pass, or pass ``--fwd-between``, which runs a ``fwd`` pass
+before every pass of another arm. Session 8's ``buffered`` arm shows no gain from
 ``O_DIRECT`` even so (20k: ``stage`` 25.01 s after ``buffered``, ``buffered`` 24.80 and 24.96 s;
 ``stage`` took 25.82 s after ``fwd``); each pass there deletes the last pass's store first, and
 the freed page cache may make buffered writes cheap, a guess not checked.
@@ -38,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import statistics
 import tempfile
 from dataclasses import replace
@@ -47,6 +53,7 @@ from unittest import mock
 
 import numpy as np
 
+import pipeline.cache as cache_mod
 from benchmarks.stage_one import (
     SST2,
     Pass,
@@ -60,16 +67,18 @@ from benchmarks.stage_one import (
 from pipeline.cache import CacheConfig
 from pipeline.extract import extract_rows, in_streams, make_batch
 from storage import shardfile
+from storage import writer as writer_mod
 from storage.shardfile import ShardFile
 
 log = logging.getLogger("benchmarks.stage_one_ablation")
-ARMS = ("fwd", "extract", "nowrite", "stage", "none", "buffered")
+ARMS = ("fwd", "extract", "nowrite", "stage", "none", "buffered", "hugepages", "shallow")
+KEYS = ("wall_s", "cpu_s", "sys_cpu_s", "minor_faults")
 
 
 def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float]:
     if arm == "fwd":
         p: Pass = forward_pass(prep, None, cfg.streams)
-        return {"wall_s": p.wall_s, "cpu_s": p.cpu_s}
+        return {k: getattr(p, k) for k in KEYS}
     if arm == "extract":
 
         def rows(samples: Any) -> Any:
@@ -87,9 +96,13 @@ def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float
         patch = mock.patch.object(ShardFile, "write", lambda *_a, **_k: None)
     if arm == "buffered":
         patch = mock.patch.object(shardfile, "DIRECT_WRITES", False)
+    if arm == "hugepages":
+        patch = mock.patch.object(writer_mod, "small_pages", np.empty)
+    if arm == "shallow":
+        patch = mock.patch.object(cache_mod, "AHEAD_SHARE", 0)
     with patch:
         p, _ = stage_pass(run_cfg, prep, out, None, [])
-    return {"wall_s": p.wall_s, "cpu_s": p.cpu_s}
+    return {k: getattr(p, k) for k in KEYS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=CacheConfig.streams, help="CacheConfig")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
+    ap.add_argument(
+        "--fwd-between", action="store_true", help="a fwd pass before every other arm's pass"
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -116,18 +132,25 @@ def main(argv: list[str] | None = None) -> int:
         prep = prepare(cfg)
         warm_up(prep, 8)
         runs: dict[str, list[dict[str, float]]] = {a: [] for a in arms}
+        if args.fwd_between:
+            arms = [a for a in arms if a != "fwd"]
+            runs["fwd"] = runs.get("fwd", [])
         for r in range(args.repeats):
             for arm in arms if r % 2 == 0 else arms[::-1]:
-                wait_for_idle(30)
-                runs[arm].append(run_arm(arm, cfg, prep, out))
-                log.info("%-8s %s", arm, {k: round(v, 2) for k, v in runs[arm][-1].items()})
+                for one in ("fwd", arm) if args.fwd_between else (arm,):
+                    wait_for_idle(30)
+                    runs[one].append(run_arm(one, cfg, prep, out))
+                    log.info("%-9s %s", one, {k: round(v, 2) for k, v in runs[one][-1].items()})
     base = statistics.median(x["wall_s"] for x in runs.get("fwd", [{"wall_s": float("nan")}]))
     print(f"{prep.n_tokens:,} tokens, {len(prep.batches)} batches, medians of {args.repeats}\n")
-    print("| arm | wall s | ÷ forward-only | process CPU s |\n|---|---:|---:|---:|")
+    print("| arm | wall s | ÷ forward-only | process CPU s | idle core-s | of it kernel s | "
+          "minor faults |\n|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    cores = os.cpu_count() or 1
     for arm, xs in runs.items():
-        wall = statistics.median(x["wall_s"] for x in xs)
-        cpu = statistics.median(x["cpu_s"] for x in xs)
-        print(f"| {arm} | {wall:.1f} | {wall / base:.3f} | {cpu:.1f} |")
+        wall, cpu, kernel, faults = (statistics.median(x[k] for x in xs) for k in KEYS)
+        idle = statistics.median(cores * x["wall_s"] - x["cpu_s"] for x in xs)  # incl. others'
+        print(f"| {arm} | {wall:.1f} | {wall / base:.3f} | {cpu:.1f} | {idle:.1f} | "
+              f"{kernel:.1f} | {faults:,.0f} |")  # fmt: skip
     return 0
 
 

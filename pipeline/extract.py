@@ -177,13 +177,16 @@ def _threads_per_stream(streams: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Generator[R, None, None]:
+def in_streams(
+    fn: Callable[[T], R], items: Iterable[T], streams: int, ahead: int = 1
+) -> Generator[R, None, None]:
     """``fn`` over ``items``, results in order. With ``streams`` > 1, that many items run at
     once, each on its own thread, and torch's intra-op threads are divided among them (restored
     at the end). On a CPU this lets work outside the backbone (the writer's compression, say)
     take a core from one stream without the other stream spinning at an OpenMP barrier for it.
-    At most ``streams`` + 1 items are taken ahead of the result being consumed. There are never
-    more streams than torch has threads."""
+    At most ``streams`` + ``ahead`` items are taken ahead of the result being consumed, so the
+    streams go on while the consumer is held up for a while. There are never more streams than
+    torch has threads."""
     streams = min(streams, torch.get_num_threads())
     if streams <= 1:
         yield from map(fn, items)
@@ -196,7 +199,7 @@ def in_streams(fn: Callable[[T], R], items: Iterable[T], streams: int) -> Genera
         try:
             for item in items:
                 pending.append(pool.submit(fn, item))
-                if len(pending) > streams:
+                if len(pending) >= streams + max(1, ahead):
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()

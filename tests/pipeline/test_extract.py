@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.errors import NonFiniteError
-from pipeline.extract import DeviceBatch, check_finite, gather, row_stats
+from pipeline.extract import DeviceBatch, check_finite, gather, in_streams, row_stats
 
 
 def batch_of(lengths: list[int]) -> DeviceBatch:
@@ -87,3 +87,27 @@ def test_a_samples_rows_do_not_depend_on_its_place_in_the_batch(kind, model_dir)
     for s in range(9):
         for a, b in zip(in_order[s], shuffled[s], strict=True):
             assert np.array_equal(a, b), f"{kind} sample {s}"
+
+
+@pytest.mark.parametrize("ahead", [1, 3])
+def test_streams_take_ahead_items_beyond_those_running_and_keep_the_order(ahead):
+    """With 2 streams, ``streams + ahead`` items are handed to the streams before the first
+    result comes back (work to go on with while the consumer is held up), never more, and
+    the results come in the items' order."""
+    taken: list[int] = []
+
+    def items():
+        for i in range(20):
+            taken.append(i)
+            yield i
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = in_streams(lambda x: x * x, items(), 2, ahead)
+        first = next(results)
+        assert first == 0 and len(taken) == 2 + ahead
+        rest = list(results)
+    finally:
+        torch.set_num_threads(before)
+    assert [first, *rest] == [i * i for i in range(20)]

@@ -157,6 +157,19 @@ def test_a_buffer_cap_reuses_written_shards_buffers(tmp_path, monkeypatch, cap):
         assert np.array_equal(reader.raw_rows(layer, 0, len(want)), stored)
 
 
+@pytest.mark.parametrize("shape", [(4096, 384), (7,), (0, 384), (3, 2, 4)])
+def test_shard_buffers_are_plain_writable_arrays(shape):
+    """small_pages hands back an ordinary C-contiguous, writable array of the asked shape and
+    dtype (on its own mapping), which keeps its values and can be written through numpy."""
+    for dtype in ("uint16", "float32", "int8"):
+        buf = writer_mod.small_pages(shape, dtype)
+        assert buf.shape == shape and buf.dtype == np.dtype(dtype)
+        assert buf.flags.c_contiguous and buf.flags.writeable
+        values = np.arange(buf.size).reshape(shape).astype(dtype)
+        buf[...] = values
+        assert np.array_equal(buf, values)
+
+
 def test_a_resumed_writer_only_needs_the_missing_shards(tmp_path):
     path, writer, values, lengths, offsets = make_store(tmp_path)
     # first half of the samples, in order, then stop
