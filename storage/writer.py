@@ -10,6 +10,7 @@ the same batches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import threading
@@ -208,7 +209,8 @@ def small_pages(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     area = mmap.mmap(-1, size)
     advice = getattr(mmap, "MADV_NOHUGEPAGE", None)  # Linux; elsewhere the default pages
     if advice is not None:
-        area.madvise(advice)
+        with contextlib.suppress(OSError):  # EINVAL on a kernel built without huge pages
+            area.madvise(advice)
     return np.frombuffer(area, dtype=dtype).reshape(shape)
 
 
