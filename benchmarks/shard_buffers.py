@@ -1,10 +1,11 @@
 """The writer's shard buffers: ``np.empty`` (huge pages) vs :func:`storage.writer.small_pages`.
 
-Stage one holds one sort window of shard buffers (1 GB by default) and fills them the way
-:meth:`storage.StoreWriter.put` does: each batch's rows, in store order, assigned by index into
-every shard of the window (a length-sorted window's batch has samples all over it). This script
-times that filling for one window's worth of fresh buffers allocated either way, each pass in a
-fresh subprocess (fresh memory, as in a real run), the arms alternating A B B A ... in one run.
+Stage one holds one sort window of shard buffers (1 GB by default) and fills them in
+:meth:`storage.StoreWriter.put`: each batch's rows, in store order, assigned by index into every
+shard of the window (a length-sorted window's batch has samples all over it). This script feeds
+the real writer one window's worth of such batches, its buffers allocated either way, each pass
+in a fresh subprocess (fresh memory, as in a real run), the arms alternating A B B A ... in one
+run.
 
     .venv/bin/python -m benchmarks.shard_buffers [--repeats 3] [--window-mb 1024]
 
@@ -22,43 +23,60 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from unittest import mock
 
 import numpy as np
 
 ARMS = ("np.empty", "small_pages")
-SHARD_ROWS, HIDDEN, LAYERS, BATCH_ROWS = 32768, 384, 7, 2300  # MiniLM's full-SST-2 layout
+HIDDEN, LAYERS, SAMPLE_ROWS, BATCH_SAMPLES = 384, 7, 13, 180  # MiniLM on SST-2, roughly
+SHARD_ROWS = 32768  # stage one's shard for MiniLM in bfloat16 (4 MB chunks x 8)
 
 
 def fill(arm: str, window_mb: float) -> dict[str, float]:
-    """One pass in this process: allocate a window of shard buffers, fill every row once."""
-    from storage.writer import small_pages
+    """One pass in this process: a real store of one window, every row handed to the real
+    :meth:`StoreWriter.put` in batches of random samples in store order. Shard files are not
+    written (``ShardFile.write`` is a no-op), so only the buffers and the scatter are timed."""
+    from storage import BatchRows, Layout, create_store
+    from storage import writer as writer_mod
+    from storage.shardfile import ShardFile
 
-    alloc = np.empty if arm == "np.empty" else small_pages
-    shard_bytes = SHARD_ROWS * HIDDEN * 2 * LAYERS
-    shards = max(1, int(window_mb * (1 << 20)) // shard_bytes)
-    total = shards * SHARD_ROWS
-    arrival = np.random.default_rng(0).permutation(total)  # destination rows, batch by batch
-    source = np.ones((BATCH_ROWS, HIDDEN), np.uint16)
-    before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    buffers = [[alloc((SHARD_ROWS, HIDDEN), np.uint16) for _ in range(LAYERS)]
-               for _ in range(shards)]  # fmt: skip
-    for first in range(0, total, BATCH_ROWS):
-        dest = np.sort(arrival[first : first + BATCH_ROWS])  # (R,) in store order, as put
-        shard_of = dest // SHARD_ROWS
-        ids, firsts = np.unique(shard_of, return_index=True)
-        bounds = [*firsts.tolist(), len(dest)]
-        for k, shard in enumerate(ids.tolist()):
-            pos = dest[bounds[k] : bounds[k + 1]] - shard * SHARD_ROWS
-            for layer in buffers[shard]:
-                layer[pos] = source[bounds[k] : bounds[k + 1]]
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    shards = max(1, int(window_mb * (1 << 20)) // (SHARD_ROWS * HIDDEN * 2 * LAYERS))
+    n = shards * SHARD_ROWS // SAMPLE_ROWS
+    offsets = np.arange(n + 1, dtype=np.int64) * SAMPLE_ROWS
+    rows = int(offsets[-1])
+    layout = Layout(n, rows, rows, list(range(LAYERS)), HIDDEN, "all", "bfloat16",
+                    chunk_rows=SHARD_ROWS // 8, shard_rows=SHARD_ROWS)  # fmt: skip
+    arrays = {"offsets": offsets, "token_offsets": offsets,
+              "token_ids": np.zeros(rows, np.int32), "labels": np.zeros(n, np.int64)}  # fmt: skip
+    arrival = np.random.default_rng(0).permutation(n)  # a length-sorted window's samples
+    source = np.ones((BATCH_SAMPLES * SAMPLE_ROWS, HIDDEN), np.uint16)
+    stats = np.zeros((len(source), LAYERS, 4), np.float32)
+    alloc = np.empty if arm == "np.empty" else writer_mod.small_pages
+    with (
+        tempfile.TemporaryDirectory(prefix="shard-buffers-") as tmp,
+        mock.patch.object(writer_mod, "small_pages", alloc),
+        mock.patch.object(ShardFile, "write", lambda *_a, **_k: None),
+    ):
+        writer = create_store(f"{tmp}/store", layout, {}, {}, arrays)
+        assert writer is not None
+        before, started = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        for first in range(0, n, BATCH_SAMPLES):
+            samples = np.sort(
+                arrival[first : first + BATCH_SAMPLES]
+            )  # in store order, as stage one
+            r = len(samples) * SAMPLE_ROWS
+            counts = np.full(len(samples), SAMPLE_ROWS, np.int64)
+            writer.put(BatchRows(samples, counts, [source[:r]] * LAYERS, None, stats[:r]))
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        writer.finish()
     return {
         "wall_s": wall,
         "sys_s": after.ru_stime - before.ru_stime,
         "faults": after.ru_minflt - before.ru_minflt,
-        "mb": total * HIDDEN * 2 * LAYERS / 1e6,
+        "mb": rows * HIDDEN * 2 * LAYERS / 1e6,
     }
 
 
@@ -80,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         results[arm].append(json.loads(out))
         print(f"{arm}: {results[arm][-1]}", file=sys.stderr)
     mb = results[ARMS[0]][0]["mb"]
-    print(f"one window of fresh shard buffers ({mb:,.0f} MB), filled batch by batch as "
-          f"StoreWriter.put does; medians of {args.repeats} fresh processes per arm\n")  # fmt: skip
+    print(f"one window of fresh shard buffers ({mb:,.0f} MB), filled batch by batch through "
+          f"StoreWriter.put; medians of {args.repeats} fresh processes per arm\n")  # fmt: skip
     print("| buffers | wall s | system s | minor faults |")
     print("|---|---|---|---|")
     med = {}

@@ -214,15 +214,14 @@ class Pass:
     waited_s: float = 0.0  # waited for other processes to go quiet before the pass
 
 
+def process_usage() -> tuple[float, float, int]:
+    """The process's CPU seconds (user + kernel), kernel seconds and minor page faults so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_stime, usage.ru_minflt
+
+
 def process_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def process_sys() -> tuple[float, int]:
-    """The process's kernel CPU seconds and minor page faults so far."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_stime, usage.ru_minflt
+    return process_usage()[0]
 
 
 def machine_cpu() -> float:
@@ -238,14 +237,13 @@ def machine_cpu() -> float:
 @contextlib.contextmanager
 def clock(record: dict[str, float]) -> Iterator[None]:
     """Fill ``record`` with wall, process CPU, main-thread CPU and other processes' CPU."""
-    busy, cpu, main = machine_cpu(), process_cpu(), time.thread_time()
-    sys_s, faults = process_sys()
+    busy, (cpu, kernel, faults), main = machine_cpu(), process_usage(), time.thread_time()
     wall = time.perf_counter()
     yield
     record["wall_s"] = time.perf_counter() - wall
-    record["cpu_s"] = process_cpu() - cpu
-    sys_after, faults_after = process_sys()
-    record["sys_cpu_s"], record["minor_faults"] = sys_after - sys_s, faults_after - faults
+    cpu_after, kernel_after, faults_after = process_usage()
+    record["cpu_s"], record["sys_cpu_s"] = cpu_after - cpu, kernel_after - kernel
+    record["minor_faults"] = faults_after - faults
     record["main_cpu_s"] = time.thread_time() - main
     record["others_cpu_s"] = max(0.0, machine_cpu() - busy - record["cpu_s"])
 

@@ -36,16 +36,25 @@ threads, ``stage - nowrite`` compression and file writes.
 
     .venv/bin/python -m benchmarks.stage_one_ablation --limit 40000 --repeats 2
     .venv/bin/python -m benchmarks.stage_one_ablation --limit 0 --arms fwd,extract,stage
+    .venv/bin/python -m benchmarks.stage_one_ablation --limit 0 --arms shallow --trace --repeats 1
+
+``--trace`` samples the process's CPU every 0.1 s during each pass and logs the stretches below
+1.6 busy cores with their idle core-seconds: where the cores wait (start, window ends, the end).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import logging
 import os
+import shutil
 import statistics
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -60,6 +69,7 @@ from benchmarks.stage_one import (
     clock,
     forward_pass,
     prepare,
+    process_cpu,
     stage_pass,
     wait_for_idle,
     warm_up,
@@ -105,6 +115,37 @@ def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float
     return {k: getattr(p, k) for k in KEYS}
 
 
+@contextlib.contextmanager
+def idle_spans(spans: list[tuple[float, float, float]], busy: float = 1.6) -> Iterator[None]:
+    """Sample the process's CPU time every 0.1 s during the block; then fill ``spans`` with
+    ``(start s, end s, idle core-s)`` of every stretch below ``busy`` cores (``--trace``)."""
+    samples: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append((time.perf_counter(), process_cpu()))
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()
+    cores = os.cpu_count() or 1
+    t0 = samples[0][0] if samples else 0.0
+    for (ta, ca), (tb, cb) in itertools.pairwise(samples):
+        if (cb - ca) / (tb - ta) >= busy:
+            continue
+        idle = cores * (tb - ta) - (cb - ca)
+        if spans and abs(spans[-1][1] - (ta - t0)) < 1e-9:  # extends the last stretch
+            spans[-1] = (spans[-1][0], tb - t0, spans[-1][2] + idle)
+        else:
+            spans.append((ta - t0, tb - t0, idle))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=SST2)
@@ -114,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
     ap.add_argument(
         "--fwd-between", action="store_true", help="a fwd pass before every other arm's pass"
+    )
+    ap.add_argument(
+        "--trace", action="store_true", help="log the stretches of each pass below 1.6 cores"
     )
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -139,8 +183,13 @@ def main(argv: list[str] | None = None) -> int:
             for arm in arms if r % 2 == 0 else arms[::-1]:
                 for one in ("fwd", arm) if args.fwd_between else (arm,):
                     wait_for_idle(30)
-                    runs[one].append(run_arm(one, cfg, prep, out))
+                    shutil.rmtree(out, ignore_errors=True)  # the last pass's store, not traced
+                    spans: list[tuple[float, float, float]] = []
+                    with idle_spans(spans) if args.trace else contextlib.nullcontext():
+                        runs[one].append(run_arm(one, cfg, prep, out))
                     log.info("%-9s %s", one, {k: round(v, 2) for k, v in runs[one][-1].items()})
+                    for a, b, idle in spans if args.trace else []:
+                        log.info("  below 1.6 cores %6.1f-%6.1f s: %.2f idle core-s", a, b, idle)
     base = statistics.median(x["wall_s"] for x in runs.get("fwd", [{"wall_s": float("nan")}]))
     print(f"{prep.n_tokens:,} tokens, {len(prep.batches)} batches, medians of {args.repeats}\n")
     print("| arm | wall s | ÷ forward-only | process CPU s | idle core-s | of it kernel s | "

@@ -184,7 +184,8 @@ def in_streams(
     once, each on its own thread, and torch's intra-op threads are divided among them (restored
     at the end). On a CPU this lets work outside the backbone (the writer's compression, say)
     take a core from one stream without the other stream spinning at an OpenMP barrier for it.
-    At most ``streams`` + ``ahead`` items are taken ahead of the result being consumed, so the
+    At most ``streams`` + ``ahead`` (at least 1) items are taken ahead of the result being
+    consumed, so the
     streams go on while the consumer is held up for a while. There are never more streams than
     torch has threads."""
     streams = min(streams, torch.get_num_threads())

@@ -198,10 +198,10 @@ def small_pages(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     a time all over (a length-sorted window's batch lands in every shard of the window), so
     with huge pages the first batch or two fault in, zero and (with ``defrag=madvise``, the
     usual setting) compact the first window's whole memory at once while the main thread, and
-    soon the backbone's streams waiting on it, stand still: filling 1 GB of fresh buffers takes
-    2.1 s against 0.9 s in small pages (``benchmarks/shard_buffers.py``), and stage one on 20k
-    SST-2 sentences 0.8 s less wall time for the same CPU time (its ablation's ``hugepages``
-    arm). The mapping goes back to the system when the array is freed.
+    soon the backbone's streams waiting on it, stand still: filling 1 GB of fresh buffers
+    through ``put`` takes 2.0 s against 0.8 s in small pages (``benchmarks/shard_buffers.py``),
+    and stage one on 20k SST-2 sentences 0.7-0.9 s less wall time for the same CPU time (its
+    ablation's ``hugepages`` arm). The mapping goes back to the system when the array is freed.
     """
     size = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if size == 0:
