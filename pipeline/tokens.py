@@ -186,15 +186,20 @@ def _cut_cheapest(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings
     per_batch = int(settings.batch_cost or 0)
     sorted_lengths = lengths[order].astype(np.int64)
     n = len(order)
+    # candidate batches ending at i: the last `size` first-samples, i - first = size ... 1
+    fits = np.maximum(1, settings.token_budget // np.maximum(1, sorted_lengths))
+    sizes = np.minimum(np.minimum(settings.max_batch, fits), np.arange(1, n + 1))
+    spans = np.arange(settings.max_batch, 0, -1, dtype=np.int64)  # spans[-size:] = size ... 1
     best = np.zeros(n + 1, dtype=np.int64)
-    start = np.zeros(n + 1, dtype=np.int64)
-    for i in range(1, n + 1):
-        longest = int(sorted_lengths[i - 1])
-        size = min(settings.max_batch, max(1, settings.token_budget // max(1, longest)), i)
-        firsts = np.arange(i - size, i)
-        cost = best[firsts] + (i - firsts) * longest
-        k = int(np.argmin(cost))
-        best[i], start[i] = cost[k] + per_batch, firsts[k]
+    start = [0] * (n + 1)
+    # a view and two small vector ops per sample: ~3x faster than gathering the candidates
+    for i, longest, size in zip(
+        range(1, n + 1), sorted_lengths.tolist(), sizes.tolist(), strict=True
+    ):
+        cost = spans[-size:] * longest
+        cost += best[i - size : i]
+        k = int(cost.argmin())
+        best[i], start[i] = int(cost[k]) + per_batch, i - size + k
     ends = [n]
     while ends[-1] > 0:
         ends.append(int(start[ends[-1]]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,39 @@ def test_batch_cost_plan_is_the_cheapest_cut(seed):
     assert _cost(batches, lengths, per_batch) == _cheapest_by_search(lengths, 120, 5, per_batch)
     greedy = plan_batches(lengths, lengths, PlanSettings(120, 5, 10_000))
     assert _cost(batches, lengths, per_batch) <= _cost(greedy, lengths, per_batch)
+
+
+def _cut_cheapest_plainly(order: np.ndarray, lengths: np.ndarray, budget: int, cap: int,
+                          per_batch: int) -> list[list[int]]:  # fmt: skip
+    """The batch-cost programme written the plain way (gather every candidate start), as
+    stores up to session 10 were planned with."""
+    s = lengths[order].astype(np.int64)
+    best, start = np.zeros(len(s) + 1, np.int64), np.zeros(len(s) + 1, np.int64)
+    for i in range(1, len(s) + 1):
+        size = min(cap, max(1, budget // max(1, int(s[i - 1]))), i)
+        firsts = np.arange(i - size, i)
+        cost = best[firsts] + (i - firsts) * int(s[i - 1])
+        k = int(np.argmin(cost))
+        best[i], start[i] = cost[k] + per_batch, firsts[k]
+    ends = [len(s)]
+    while ends[-1] > 0:
+        ends.append(int(start[ends[-1]]))
+    return [order[a:b].tolist() for a, b in itertools.pairwise(ends[::-1])]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_batch_cost_plan_is_the_same_as_the_plain_programme(seed):
+    """Resuming a store re-plans its batches: the plan must not change, ties included (few
+    distinct lengths, so many cuts cost the same)."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 3000))
+    lengths = rng.choice(rng.integers(1, 90, size=int(rng.integers(1, 40))), size=n)
+    budget, cap = int(rng.choice([64, 512, 4096])), int(rng.choice([1, 7, 256]))
+    per_batch = int(rng.choice([0, 1, 64, 500]))
+    settings = PlanSettings(budget, cap, 1 << 20, batch_cost=per_batch)
+    order = np.argsort(lengths, kind="stable")
+    planned = [b.tolist() for b in plan_batches(lengths, lengths, settings)]
+    assert planned == _cut_cheapest_plainly(order, lengths, budget, cap, per_batch)
 
 
 def test_batch_cost_cuts_padding_of_a_small_dataset():
