@@ -17,7 +17,9 @@ Arms, interleaved in ABBA order in one process (inputs prepared once, as in
 * ``hugepages`` — ``run_cache`` with the writer's shard buffers from ``np.empty`` (numpy asks
   for transparent huge pages) instead of :func:`storage.writer.small_pages`;
 * ``shallow`` — ``run_cache`` with the streams at most one batch ahead of the writer
-  (``pipeline.cache.AHEAD_SHARE`` 0) instead of an eighth of a window.
+  (``pipeline.cache.AHEAD_SHARE`` 0) instead of an eighth of a window;
+* ``halfwindow`` — ``run_cache`` with sort windows of half ``--window-mb`` (half the shard
+  buffers; its own batch plan, with a little more padding than the other arms').
 
 A stage-one pass right after a forward-only pass is ~1.5 s slower on 20k sentences than one
 right after another stage pass (likely: its shard buffers come from fresh memory, as the last
@@ -81,7 +83,8 @@ from storage import writer as writer_mod
 from storage.shardfile import ShardFile
 
 log = logging.getLogger("benchmarks.stage_one_ablation")
-ARMS = ("fwd", "extract", "nowrite", "stage", "none", "buffered", "hugepages", "shallow")
+ARMS = ("fwd", "extract", "nowrite", "stage", "none", "buffered", "hugepages", "shallow",
+        "halfwindow")  # fmt: skip
 KEYS = ("wall_s", "cpu_s", "sys_cpu_s", "minor_faults")
 
 
@@ -101,6 +104,8 @@ def run_arm(arm: str, cfg: CacheConfig, prep: Any, out: Path) -> dict[str, float
                 pass
         return record
     run_cfg = replace(cfg, codec="none") if arm == "none" else cfg
+    if arm == "halfwindow":
+        run_cfg = replace(cfg, window_mb=cfg.window_mb / 2)
     patch: Any = contextlib.nullcontext()
     if arm == "nowrite":
         patch = mock.patch.object(ShardFile, "write", lambda *_a, **_k: None)

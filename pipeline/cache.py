@@ -57,7 +57,7 @@ from storage import (
     shard_slot,
 )
 from storage.codecs import itemsize
-from storage.errors import DiskFullError, SidecacheError, StoreWriteError
+from storage.errors import DiskFullError, SidecacheError, StoreExistsError, StoreWriteError
 
 log = logging.getLogger(__name__)
 EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.35, "int8": 1.2}
@@ -66,7 +66,7 @@ EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.35, "int8": 1.2}
 # at once and the main thread waits for its buffers; with work queued the streams keep both
 # cores busy meanwhile (MiniLM on SST-2, `stage_one_ablation --trace`: 0-0.23 idle core-s in
 # stretches below 1.6 cores at each window end, against 0.36-0.52 with one batch ahead). The
-# extra memory is at most this share of the window's (1 GB: 128 MB).
+# extra memory is at most this share of the window's (512 MB: 64 MB).
 AHEAD_SHARE = 1 / 8
 
 
@@ -96,8 +96,10 @@ class CacheConfig:
     # batch to the budget, as stores written before this setting (to resume one of those)
     batch_cost: int | None = BATCH_COST
     # samples are length-sorted within windows of this many stored MB, which stage one holds
-    # in RAM until written: 1 GB keeps SST-2 padding at 0.3% (256 MB: 1.7%) for MiniLM
-    window_mb: float = 1024.0
+    # in RAM until written. MiniLM on SST-2: 0.57% padding (1 GB: 0.31%, 256 MB: 1.7%); half of
+    # 1 GB's fresh memory, which costs more than the padding saved (`stage_one_ablation`'s
+    # halfwindow arm), and a smaller last window to compress after the last batch
+    window_mb: float = 512.0
     chunk_mb: float = 4.0
     shard_chunks: int = 8
     writer_threads: int = 2
@@ -275,16 +277,19 @@ def _write(
     """Create or resume the store and stream every needed batch into it. The writer keeps at
     most one sort window's shard buffers while shards are being written (``buffers``)."""
     with meta_lock(cfg.out):  # shard workers starting together: one creates, the rest resume
-        writer = create_store(
-            cfg.out,
-            layout,
-            ident,
-            task,
-            arrays,
-            overwrite=cfg.overwrite,
-            threads=cfg.writer_threads,
-            buffers=window_shards,
-        )
+        try:
+            writer = create_store(
+                cfg.out,
+                layout,
+                ident,
+                task,
+                arrays,
+                overwrite=cfg.overwrite,
+                threads=cfg.writer_threads,
+                buffers=window_shards,
+            )
+        except StoreExistsError as exc:
+            raise resume_hint(exc, layout) from None
     if writer is None:
         log.info("%s is already complete for these settings; nothing to do", cfg.out)
         return open_store(cfg.out).summary()
@@ -339,6 +344,39 @@ def _write(
         log.info("this worker's shards are on disk; %d shards still belong to other workers (the "
                  "last one to finish finalises the store)", int((~writer.done).sum()))  # fmt: skip
     return open_store(cfg.out, allow_incomplete=True).summary()
+
+
+# the flags that fix the batch plan, by the key a store records each under (identity.extraction)
+PLAN_FLAGS = {
+    "token_budget": "--token-budget",
+    "max_batch": "--max-batch",
+    "batch_cost": "--batch-cost",
+    "window_rows": "--window-mb",
+}
+
+
+def resume_hint(exc: StoreExistsError, layout: Layout) -> StoreExistsError:
+    """``exc`` plus the flags that resume the existing store, when it differs from this run only
+    in how the batches are planned (as after a default changed between versions)."""
+    prefix = "identity.extraction."
+    names = [key.removeprefix(prefix) for key, _, _ in exc.differences]
+    if not names or not all(key.startswith(prefix) for key, _, _ in exc.differences):
+        return exc
+    if not set(names) <= set(PLAN_FLAGS):
+        return exc
+    row_bytes = layout.hidden_size * itemsize(layout.dtype) * len(layout.layers)
+    flags = []
+    for name, (_, was, _) in zip(names, exc.differences, strict=True):
+        if name == "window_rows":  # exactly this many rows again (whole shards already)
+            value = repr(int(was) * row_bytes / (1 << 20))
+        else:
+            value = "fill" if was is None else str(was)
+        flags.append(f"{PLAN_FLAGS[name]} {value}")
+    return StoreExistsError(
+        f"{exc}. To resume it instead, run the same command with {' '.join(flags)} (the "
+        "settings it was written with)",
+        exc.differences,
+    )
 
 
 def shard_bytes_estimate(layout: Layout) -> float:

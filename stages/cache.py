@@ -80,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--window-mb",
         type=float,
-        default=1024.0,
+        default=CacheConfig.window_mb,
         help="samples are length-sorted within windows of this many stored MB",
     )
     p.add_argument("--writer-threads", type=int, default=2, help="compression/write threads")

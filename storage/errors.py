@@ -7,6 +7,8 @@ This module sits in ``storage`` because it is the lowest layer; ``pipeline`` re-
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SidecacheError(Exception):
     """Base class of every error sidecache raises on purpose."""
@@ -25,7 +27,13 @@ class StoreNotFoundError(StoreError, FileNotFoundError):
 
 
 class StoreExistsError(StoreError, FileExistsError):
-    """The output location holds something that would be clobbered."""
+    """The output location holds something that would be clobbered. ``differences``: for a
+    store written with other settings, ``(key, existing, new)`` per differing metadata key
+    (dotted, e.g. ``identity.extraction.window_rows``)."""
+
+    def __init__(self, message: str, differences: list[tuple[str, Any, Any]] | None = None):
+        super().__init__(message)
+        self.differences = list(differences or [])
 
 
 class StoreIncompleteError(StoreError, RuntimeError):

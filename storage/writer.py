@@ -68,16 +68,19 @@ def _existing_meta(loc: Location) -> dict[str, Any] | None:
     return meta if isinstance(meta, dict) else None
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+def _differences(
+    a: dict[str, Any], b: dict[str, Any], prefix: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, value in a, value in b)`` for every leaf where ``a`` and ``b`` differ."""
     keys = sorted(set(a) | set(b))
-    out: list[str] = []
+    out: list[tuple[str, Any, Any]] = []
     for key in keys:
         name = f"{prefix}{key}"
         va, vb = a.get(key), b.get(key)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += _differences(va, vb, name + ".")
         elif va != vb:
-            out.append(f"{name}: existing {va!r}, new {vb!r}")
+            out.append((name, va, vb))
     return out
 
 
@@ -108,10 +111,11 @@ def create_store(
         for key in ("layout", "identity", "task"):
             diffs += _differences(existing[key], meta[key], key + ".")
         if diffs:
+            shown = "; ".join(f"{k}: existing {was!r}, new {now!r}" for k, was, now in diffs[:5])
             raise StoreExistsError(
-                f"{path} already holds a store written with different settings ("
-                + "; ".join(diffs[:5])
-                + "); pass --overwrite to replace it, or choose another --out"
+                f"{path} already holds a store written with different settings ({shown}); "
+                "pass --overwrite to replace it, or choose another --out",
+                diffs,
             )
         if existing.get("complete"):
             return None

@@ -200,8 +200,9 @@ def test_a_store_from_before_batch_cost_resumes_with_fill(
     doc = json.loads(meta_file.read_text())
     del doc["attributes"]["sidecache"]["identity"]["extraction"]["batch_cost"]
     meta_file.write_text(json.dumps(doc))
-    with pytest.raises(StoreExistsError, match="batch_cost: existing None, new 64"):
+    with pytest.raises(StoreExistsError, match="batch_cost: existing None, new 64") as err:
         small_cache(model, data, tmp_path / "cut", token_budget=64, window_mb=0.05)
+    assert "run the same command with --batch-cost fill" in str(err.value)
     small_cache(model, data, tmp_path / "cut", **old)
     ref, cut = store_arrays(tmp_path / "ref"), store_arrays(tmp_path / "cut")
     assert sorted(ref) == sorted(cut)
@@ -209,6 +210,32 @@ def test_a_store_from_before_batch_cost_resumes_with_fill(
         assert np.array_equal(ref[key], cut[key], equal_nan=True), key
     ma, mb = open_store(tmp_path / "ref").meta, open_store(tmp_path / "cut").meta
     assert mb["complete"] and ma["stats"] == mb["stats"] and ma["layout"] == mb["layout"]
+
+
+def test_a_store_planned_with_other_windows_names_the_flag_that_resumes_it(
+    model_dir, glue_dir, tmp_path, monkeypatch
+):
+    """After ``--window-mb``'s default changes, an interrupted store of the old default is refused
+    with the exact ``--window-mb`` that re-plans its batches; with it, the store is the same as
+    an uninterrupted run."""
+    from storage import StoreExistsError
+
+    model, data = model_dir("bert"), f"glue:{glue_dir}"
+    old = dict(token_budget=64, window_mb=0.05)
+    small_cache(model, data, tmp_path / "ref", **old)
+    real = fail_at_batch(monkeypatch, 25)
+    with pytest.raises(RuntimeError, match="injected"):
+        small_cache(model, data, tmp_path / "cut", **old)
+    monkeypatch.setattr(cache_mod, "extract_rows", real)
+    with pytest.raises(StoreExistsError, match="window_rows: existing") as err:
+        small_cache(model, data, tmp_path / "cut", token_budget=64, window_mb=0.2)
+    flag = str(err.value).split("run the same command with --window-mb ")[1].split()[0]
+    assert float(flag) < 0.2  # the window as recorded (here one whole shard)
+    small_cache(model, data, tmp_path / "cut", token_budget=64, window_mb=float(flag))
+    assert_same_store(tmp_path / "ref", tmp_path / "cut")
+    with pytest.raises(StoreExistsError) as err:  # not only the plan: no resume hint
+        small_cache(model, data, tmp_path / "cut", token_budget=64, window_mb=0.2, layers="0")
+    assert "run the same command with" not in str(err.value)
 
 
 def test_rerunning_a_complete_store_does_nothing(model_dir, glue_dir, tmp_path, monkeypatch):
