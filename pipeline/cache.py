@@ -64,9 +64,9 @@ EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.35, "int8": 1.2}
 # finished batches the streams may hold ahead of the writer, as a share of a sort window's rows.
 # A window's shards all fill with its last batch, so the writer then compresses a whole window
 # at once and the main thread waits for its buffers; with work queued the streams keep both
-# cores busy meanwhile (MiniLM on SST-2, `stage_one_ablation --trace`: 0-0.23 idle core-s in
-# stretches below 1.6 cores at each window end, against 0.36-0.52 with one batch ahead). The
-# extra memory is at most this share of the window's (512 MB: 64 MB).
+# cores busy meanwhile (MiniLM on SST-2 in 1 GB windows, `stage_one_ablation --trace`: 0-0.23
+# idle core-s in stretches below 1.6 cores at each window end, against 0.36-0.52 with one batch
+# ahead). The extra memory is at most this share of the window's (512 MB: 64 MB).
 AHEAD_SHARE = 1 / 8
 
 
