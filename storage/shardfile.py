@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import google_crc32c
+import crc32c
 import numcodecs
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
@@ -44,7 +44,9 @@ class ShardFileError(ValueError):
 
 
 def _crc(data: Any) -> bytes:
-    return int(google_crc32c.value(data)).to_bytes(4, "little")
+    """crc32c of ``data`` as zarr stores it. The ``crc32c`` package, not ``google_crc32c`` (which
+    zarr uses): the same checksum, 22 against 4.3 GB/s on our machines (hardware instructions)."""
+    return int(crc32c.crc32c(data)).to_bytes(4, "little")
 
 
 def _compressor(codec: Any) -> Any:
