@@ -441,6 +441,8 @@ def main_table(fig: dict[str, Any]) -> list[str]:
         )
         for arm in (FORWARD, STAGE)
     }
+    passes = [Pass(**p) for p in fig["passes"]]
+    cpus = {arm: median(passes, arm, "cpu_s") for arm in (FORWARD, STAGE)}
     s = fig["settings"]
     lines = [
         f"stage one on {fig['samples']:,} samples / {fig['tokens']:,} tokens / "
@@ -459,6 +461,8 @@ def main_table(fig: dict[str, Any]) -> list[str]:
         f"{fig['stage_median_s']:.1f} [{walls[STAGE]}] | |",
         f"| **(a) stage one ÷ forward-only** | **{fig['ratio']:.3f}** | ≤ {TARGET_RATIO:.2f} "
         f"{verdict(fig['ratio'] <= TARGET_RATIO)} |",
+        f"| process CPU, median s: forward-only / stage one (ratio) | {cpus[FORWARD]:.1f} / "
+        f"{cpus[STAGE]:.1f} ({cpus[STAGE] / cpus[FORWARD]:.3f}) | |",
         f"| forward-only tokens/s | {fig['forward_tokens_per_s']:,.0f} | |",
         f"| stage one tokens/s | {fig['stage_tokens_per_s']:,.0f} | |",
         f"| **(b) padding share of token slots** | **{100 * fig['padding_fraction']:.2f}%** | "

@@ -39,6 +39,8 @@ threads, ``stage - nowrite`` compression and file writes.
     .venv/bin/python -m benchmarks.stage_one_ablation --limit 40000 --repeats 2
     .venv/bin/python -m benchmarks.stage_one_ablation --limit 0 --arms fwd,extract,stage
     .venv/bin/python -m benchmarks.stage_one_ablation --limit 0 --arms shallow --trace --repeats 1
+    .venv/bin/python -m benchmarks.stage_one_ablation --limit 20000 --window-mb 1024 \
+        --arms fwd,stage,halfwindow --repeats 4        # 1 GB against 512 MB windows
 
 ``--trace`` samples the process's CPU every 0.1 s during each pass and logs the stretches below
 1.6 busy cores with their idle core-seconds: where the cores wait (start, window ends, the end).
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=SST2)
     ap.add_argument("--limit", type=int, default=40000, help="first N samples; 0: all")
     ap.add_argument("--streams", type=int, default=CacheConfig.streams, help="CacheConfig")
+    ap.add_argument("--window-mb", type=float, default=CacheConfig.window_mb, help="CacheConfig")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma list of {', '.join(ARMS)}")
     ap.add_argument(
@@ -176,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(tmp) / "store"
         cfg = CacheConfig(
             backbone="minilm", data=args.data, split="train", out=str(out),
-            limit=args.limit or None, streams=args.streams, progress=False,
+            limit=args.limit or None, streams=args.streams, window_mb=args.window_mb,
+            progress=False,
         )  # fmt: skip
         prep = prepare(cfg)
         warm_up(prep, 8)

@@ -97,8 +97,8 @@ class CacheConfig:
     batch_cost: int | None = BATCH_COST
     # samples are length-sorted within windows of this many stored MB, which stage one holds
     # in RAM until written. MiniLM on SST-2: 0.57% padding (1 GB: 0.31%, 256 MB: 1.7%); half of
-    # 1 GB's fresh memory, which costs more than the padding saved (`stage_one_ablation`'s
-    # halfwindow arm), and a smaller last window to compress after the last batch
+    # 1 GB's fresh memory, which costs more than the padding saved (`stage_one_ablation
+    # --window-mb 1024 --arms stage,halfwindow`), and less to compress after the last batch
     window_mb: float = 512.0
     chunk_mb: float = 4.0
     shard_chunks: int = 8
@@ -358,17 +358,14 @@ PLAN_FLAGS = {
 def resume_hint(exc: StoreExistsError, layout: Layout) -> StoreExistsError:
     """``exc`` plus the flags that resume the existing store, when it differs from this run only
     in how the batches are planned (as after a default changed between versions)."""
-    prefix = "identity.extraction."
-    names = [key.removeprefix(prefix) for key, _, _ in exc.differences]
-    if not names or not all(key.startswith(prefix) for key, _, _ in exc.differences):
+    keys = {f"identity.extraction.{name}" for name in PLAN_FLAGS}
+    if not exc.differences or any(key not in keys for key, _, _ in exc.differences):
         return exc
-    if not set(names) <= set(PLAN_FLAGS):
-        return exc
-    row_bytes = layout.hidden_size * itemsize(layout.dtype) * len(layout.layers)
     flags = []
-    for name, (_, was, _) in zip(names, exc.differences, strict=True):
+    for key, was, _ in exc.differences:
+        name = key.rpartition(".")[2]
         if name == "window_rows":  # exactly this many rows again (whole shards already)
-            value = repr(int(was) * row_bytes / (1 << 20))
+            value = repr(int(was) * row_bytes(layout) / (1 << 20))
         else:
             value = "fill" if was is None else str(was)
         flags.append(f"{PLAN_FLAGS[name]} {value}")
@@ -379,10 +376,14 @@ def resume_hint(exc: StoreExistsError, layout: Layout) -> StoreExistsError:
     )
 
 
+def row_bytes(layout: Layout) -> int:
+    """Raw bytes of one stored row across every stored layer (what ``--window-mb`` counts)."""
+    return layout.hidden_size * itemsize(layout.dtype) * len(layout.layers)
+
+
 def shard_bytes_estimate(layout: Layout) -> float:
     """Expected bytes on disk of one full shard of every stored layer."""
-    raw = layout.shard_rows * layout.hidden_size * len(layout.layers) * itemsize(layout.dtype)
-    return raw / EXPECTED_RATIO[layout.dtype]
+    return layout.shard_rows * row_bytes(layout) / EXPECTED_RATIO[layout.dtype]
 
 
 def _shards_on_disk(path: str, layout: Layout) -> int:
@@ -452,7 +453,7 @@ def _row_offsets(tok: Tokenized, positions: str) -> np.ndarray:
 
 
 def _announce(cfg: CacheConfig, layout: Layout, tok: Tokenized, batches: list[np.ndarray]) -> None:
-    raw = layout.n_rows * layout.hidden_size * len(layout.layers) * itemsize(layout.dtype)
+    raw = layout.n_rows * row_bytes(layout)
     est = raw / EXPECTED_RATIO[layout.dtype]
     log.info(
         "planned: %d samples, %d tokens, %d batches (%.1f%% padding), layers %s, positions %s, "

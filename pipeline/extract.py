@@ -185,9 +185,8 @@ def in_streams(
     at the end). On a CPU this lets work outside the backbone (the writer's compression, say)
     take a core from one stream without the other stream spinning at an OpenMP barrier for it.
     At most ``streams`` + ``ahead`` (at least 1) items are taken ahead of the result being
-    consumed, so the
-    streams go on while the consumer is held up for a while. There are never more streams than
-    torch has threads."""
+    consumed, so the streams go on while the consumer is held up for a while. There are never
+    more streams than torch has threads."""
     streams = min(streams, torch.get_num_threads())
     if streams <= 1:
         yield from map(fn, items)

@@ -202,7 +202,7 @@ def _cut_cheapest(order: np.ndarray, lengths: np.ndarray, settings: PlanSettings
         best[i], start[i] = int(cost[k]) + per_batch, i - size + k
     ends = [n]
     while ends[-1] > 0:
-        ends.append(int(start[ends[-1]]))
+        ends.append(start[ends[-1]])
     ends.reverse()
     return [order[a:b] for a, b in itertools.pairwise(ends)]
 

@@ -45,7 +45,8 @@ class ShardFileError(ValueError):
 
 def _crc(data: Any) -> bytes:
     """crc32c of ``data`` as zarr stores it. The ``crc32c`` package, not ``google_crc32c`` (which
-    zarr uses): the same checksum, 22 against 4.3 GB/s on our machines (hardware instructions)."""
+    zarr uses): the same checksum, two to three times as fast here (``benchmarks/shard_io.py``
+    prints both)."""
     return int(crc32c.crc32c(data)).to_bytes(4, "little")
 
 
