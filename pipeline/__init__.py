@@ -4,3 +4,15 @@ Data flow of stage one: :mod:`pipeline.data` (text) -> :mod:`pipeline.tokens` (t
 batch plan) -> :mod:`pipeline.backbone` (hidden states) -> :mod:`pipeline.cache` (cast, gather,
 hand to :mod:`storage`).
 """
+
+import os
+
+# torch's CPU BLAS is MKL, which may choose a GEMM kernel by the number of threads it is given:
+# on an AVX-512 AMD EPYC, 18 of 117 small (M x K) @ (K x K) shapes gave different last bits at
+# one and at two threads, so a store written by two streams of one thread each did not match a
+# two-thread recomputation. Strict conditional numerical reproducibility makes MKL's results
+# independent of the thread count (same speed here: BENCHMARKS.md, session 12). MKL reads the
+# setting at its first call, so it is set on import, before anything of ours runs torch; a value
+# the user set is kept, and every store records the mode it was written with
+# (pipeline.backbone.cpu_numerics).
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")

@@ -9,11 +9,14 @@ The forward pass stops right after the deepest requested block.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import importlib.util
 import inspect
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,6 +129,45 @@ def load_backbone(name: str, device: str = "auto", revision: str | None = None) 
         tokenizer_identity=tokenizer_identity(tokenizer),
         taps=_Taps(blocks),
     )
+
+
+# MKL's conditional numerical reproducibility modes (mkl_cbwr.h): the branch in the low 16 bits,
+# plus the STRICT flag that makes results independent of the thread count
+_MKL_BRANCHES = {1: "OFF", 2: "AUTO", 3: "COMPATIBLE", 4: "SSE2", 6: "SSSE3", 7: "SSE4_1",
+                 8: "SSE4_2", 9: "AVX", 10: "AVX2", 12: "AVX512"}  # fmt: skip
+_MKL_STRICT = 0x10000
+
+
+@functools.cache
+def mkl_mode() -> str | None:
+    """The mode MKL computes in, e.g. ``AUTO,STRICT``; ``None`` when torch has no MKL or the
+    mode cannot be read. Read from MKL itself, not from ``MKL_CBWR``: MKL fixes its mode at its
+    first call, so a process that ran torch before importing :mod:`pipeline` keeps MKL's default
+    whatever the environment says now. Cached, as the mode cannot change after that call."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        get = lib.mkl_serv_cbwr_get  # what mkl_cbwr_get calls; libtorch_cpu exports this one
+    except (OSError, AttributeError):
+        return None
+    get.argtypes, get.restype = [ctypes.c_int], ctypes.c_int
+    code = int(get(-1))  # MKL_CBWR_ALL
+    branch = _MKL_BRANCHES.get(code & 0xFFFF, hex(code & 0xFFFF))
+    return f"{branch},STRICT" if code & _MKL_STRICT else branch
+
+
+def cpu_numerics() -> dict[str, Any]:
+    """What decides the last bits of a CPU forward pass beyond the model and its inputs: the
+    vector instructions torch dispatches to and MKL's mode. Recorded in every CPU store; a
+    recomputation is bit-exact only where both match and MKL is strict."""
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkl": mkl_mode()}
+
+
+def thread_invariant(numerics: dict[str, Any]) -> bool:
+    """Whether results recorded with ``numerics`` are independent of torch's thread count."""
+    mode = numerics.get("mkl")
+    return mode is None or mode.endswith(",STRICT")
 
 
 def _is_causal(config: Any) -> bool:

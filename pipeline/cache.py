@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.backbone import Backbone, load_backbone, parse_layers
+from pipeline.backbone import (
+    Backbone,
+    cpu_numerics,
+    load_backbone,
+    parse_layers,
+    thread_invariant,
+)
 from pipeline.data import ColumnOptions, TextData, describe, head, load_data
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_rows, in_streams, make_batch
@@ -169,6 +175,7 @@ def identity(
             "device": bb.device.type,
             "autocast": "bfloat16" if bb.device.type == "cuda" else None,
             "torch": torch.__version__.split("+")[0],
+            "numerics": cpu_numerics() if bb.device.type == "cpu" else None,
             "lst_prune": cfg.lst_prune,
         },
     }
@@ -221,6 +228,13 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
     data = head(load_data(cfg.data, cfg.split, cfg.columns), cfg.limit)
     bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
     layers = parse_layers(cfg.layers, bb.n_layers)
+    if bb.device.type == "cpu" and not thread_invariant(numerics := cpu_numerics()):
+        log.warning(
+            "MKL computes in mode %s, not strict: the stored values depend on the thread count "
+            "and `sidecache verify` will compare them with a tolerance. MKL fixes its mode at "
+            "its first call: import pipeline before running torch, or set MKL_CBWR=AUTO,STRICT",
+            numerics["mkl"],
+        )
     max_length = min(cfg.max_length or bb.max_length, bb.max_length)
     if cfg.max_length and cfg.max_length > bb.max_length:
         log.warning(

@@ -124,6 +124,67 @@ def test_streams_write_the_same_store_as_one_stream(kind, model_dir, glue_dir, t
     assert_same_store(tmp_path / "one", tmp_path / "three")
 
 
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_forward_passes_are_the_same_at_any_thread_count(kind, model_dir, glue_dir, tmp_path):
+    """MKL is strict (pipeline/__init__ sets MKL_CBWR before torch runs): without it, on an
+    AVX-512 CPU, one thread and two gave different last bits, and a two-stream store failed a
+    two-thread verify."""
+    from pipeline.backbone import cpu_numerics, hidden_states, thread_invariant
+
+    assert thread_invariant(cpu_numerics())
+    small_cache(model_dir(kind), f"glue:{glue_dir}", tmp_path / "s")
+    reader = open_store(tmp_path / "s")
+    tok = stored_tokens(reader)
+    bb = load_backbone(model_dir(kind), "cpu")
+    before = torch.get_num_threads()
+    try:
+        for samples in stored_plan(reader, tok):
+            batch = make_batch(tok, samples, bb.device)
+            runs = []
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                states = hidden_states(bb, batch.input_ids, batch.attention_mask,
+                                       batch.token_type_ids, reader.layout.layers)  # fmt: skip
+                runs.append(states)
+            for layer in reader.layout.layers:
+                assert torch.equal(runs[0][layer], runs[1][layer]), (kind, layer)
+                assert torch.equal(runs[0][layer], runs[2][layer]), (kind, layer)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_store_written_with_mkl_not_strict_warns_and_is_verified_with_a_tolerance(
+    model_dir, glue_dir, tmp_path
+):
+    """A program that ran torch before importing pipeline leaves MKL in its default mode:
+    stage one says so, records it, and verify compares with a tolerance, naming why."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.backbone import mkl_mode
+
+    if mkl_mode() is None:
+        pytest.skip("this torch has no MKL, or its mode cannot be read")
+    env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # this process has set it
+    code = (
+        "import torch\ntorch.ones(64, 64) @ torch.ones(64, 64)  # MKL fixes its mode here\n"
+        "import logging\nlogging.basicConfig(level=logging.WARNING)\n"
+        "from tests.conftest import small_cache\n"
+        f"small_cache({model_dir('bert')!r}, {f'glue:{glue_dir}'!r}, {str(tmp_path / 's')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "not strict: the stored values depend on the thread count" in done.stderr
+    recorded = open_store(tmp_path / "s").identity["extraction"]["numerics"]
+    assert not recorded["mkl"].endswith(",STRICT")
+    report = run_verify(str(tmp_path / "s"), samples=20, device="cpu")
+    assert not report["exact"] and report["mismatches"] == []
+    assert "CPU numerics" in report["inexact_reason"]
+    assert recorded["mkl"] in report["inexact_reason"]
+
+
 def store_arrays(path: Path) -> dict[str, np.ndarray]:
     import zarr
 

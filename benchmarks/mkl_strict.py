@@ -1,0 +1,114 @@
+"""What MKL's strict mode costs and what it buys: forward passes with ``MKL_CBWR`` unset (MKL's
+default) and ``AUTO,STRICT`` (what :mod:`pipeline` sets), side by side.
+
+MKL fixes its mode at its first call, so each measurement is a child process started with the
+mode in its environment; the modes alternate ABBA over ``--rounds`` rounds so that a drift in
+machine speed hits both alike. Each child loads MiniLM, tokenises the first ``--limit`` SST-2
+train samples, plans batches exactly as stage one does and then reports:
+
+- the mode MKL actually runs in (:func:`pipeline.backbone.mkl_mode`);
+- wall time of the forward passes over the whole plan in 2 streams of one thread each (stage
+  one's default) and in 1 stream of two threads (what ``verify``, ``predict`` and online training
+  run), as :func:`benchmarks.stage_one.forward_pass` does, after a warm-up;
+- how many of ``--check`` batches spread over the plan give different hidden states at one
+  thread and at two (any difference breaks ``verify``'s bit-exact comparison of a two-stream
+  store).
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.mkl_strict --limit 8000 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+MODES = {"default": "", "strict": "AUTO,STRICT"}  # "" leaves MKL in its own default mode
+
+
+def child(limit: int, check: int) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from benchmarks.stage_one import SST2, forward_pass, prepare, warm_up
+    from pipeline.backbone import cpu_numerics, hidden_states
+    from pipeline.cache import CacheConfig
+    from pipeline.extract import make_batch
+
+    prep = prepare(CacheConfig(backbone="minilm", data=SST2, split="train", out="", limit=limit,
+                               device="cpu"))  # fmt: skip
+    warm_up(prep, 8)
+    out: dict[str, Any] = {"numerics": cpu_numerics(), "threads": torch.get_num_threads()}
+    for streams in (2, 1):
+        out[f"streams{streams}_s"] = forward_pass(prep, None, streams).wall_s
+    before, differing = torch.get_num_threads(), 0
+    for i in np.unique(np.linspace(0, len(prep.batches) - 1, num=check).astype(int)):
+        batch = make_batch(prep.tok, np.sort(prep.batches[i]), prep.bb.device)
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(hidden_states(prep.bb, batch.input_ids, batch.attention_mask,
+                                      batch.token_type_ids, prep.layers))  # fmt: skip
+        differing += any(not torch.equal(runs[0][k], runs[1][k]) for k in prep.layers)
+    torch.set_num_threads(before)
+    out["checked"], out["differing"] = check, differing
+    return out
+
+
+def run_child(mode: str, limit: int, check: int) -> dict[str, Any]:
+    env = dict(os.environ, MKL_CBWR=MODES[mode])
+    cmd = [sys.executable, "-m", "benchmarks.mkl_strict", "--child", "--limit", str(limit),
+           "--check", str(check)]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"child for mode {mode} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), mode=mode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.mkl_strict", description=__doc__)
+    p.add_argument("--limit", type=int, default=8000, help="first N SST-2 train samples")
+    p.add_argument("--rounds", type=int, default=2, help="ABBA rounds (2 children per round)")
+    p.add_argument("--check", type=int, default=40, help="batches compared at 1 and 2 threads")
+    p.add_argument("--json", default=None, help="write every child's figures here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.limit, args.check)))
+        return 0
+    results = []
+    for r in range(args.rounds):
+        for mode in ("default", "strict") if r % 2 == 0 else ("strict", "default"):
+            results.append(run_child(mode, args.limit, args.check))
+            print(f"round {r + 1} {mode}: {json.dumps(results[-1])}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+    def med(mode: str, key: str) -> float:
+        return statistics.median(x[key] for x in results if x["mode"] == mode)
+
+    print(f"MiniLM forward passes over the first {args.limit} SST-2 train samples, "
+          f"{args.rounds} children per mode, ABBA\n")  # fmt: skip
+    print("| MKL_CBWR | MKL mode | 2 streams x 1 thread, median s | 1 stream x 2 threads, "
+          "median s | batches differing at 1 vs 2 threads |")  # fmt: skip
+    print("|---|---|---|---|---|")
+    for mode, value in MODES.items():
+        rows = [x for x in results if x["mode"] == mode]
+        seen = sorted({str(x["numerics"]["mkl"]) for x in rows})
+        diff = ", ".join(f"{x['differing']}/{x['checked']}" for x in rows)
+        print(f"| {value or '(unset)'} | {', '.join(seen)} | {med(mode, 'streams2_s'):.2f} | "
+              f"{med(mode, 'streams1_s'):.2f} | {diff} |")  # fmt: skip
+    for key, label in (("streams2_s", "2 streams"), ("streams1_s", "1 stream")):
+        print(f"\nstrict / default, {label}: {med('strict', key) / med('default', key):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
