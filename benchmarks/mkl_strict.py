@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [x for x in results if x["mode"] == mode]
         seen = sorted({str(x["numerics"]["mkl"]) for x in rows})
         diff = ", ".join(f"{x['differing']}/{x['checked']}" for x in rows)
-        print(f"| {value or '(unset)'} | {', '.join(seen)} | {med(mode, 'streams2_s'):.2f} | "
+        label = value or "'' (MKL's default)"
+        print(f"| {label} | {', '.join(seen)} | {med(mode, 'streams2_s'):.2f} | "
               f"{med(mode, 'streams1_s'):.2f} | {diff} |")  # fmt: skip
     for key, label in (("streams2_s", "2 streams"), ("streams1_s", "1 stream")):
         print(f"\nstrict / default, {label}: {med('strict', key) / med('default', key):.3f}")
