@@ -11,6 +11,7 @@ import contextlib
 import errno
 import logging
 import os
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -369,25 +370,39 @@ PLAN_FLAGS = {
 }
 
 
+# a store's recorded CPU numerics, and the variables that reproduce them (torch's vector
+# instructions can be lowered, never raised, on a given CPU; MKL's mode is read at its first call)
+NUMERICS_ENV = {"cpu_capability": "ATEN_CPU_CAPABILITY", "mkl": "MKL_CBWR"}
+
+
 def resume_hint(exc: StoreExistsError, layout: Layout) -> StoreExistsError:
-    """``exc`` plus the flags that resume the existing store, when it differs from this run only
-    in how the batches are planned (as after a default changed between versions)."""
-    keys = {f"identity.extraction.{name}" for name in PLAN_FLAGS}
-    if not exc.differences or any(key not in keys for key, _, _ in exc.differences):
+    """``exc`` plus what resumes the existing store, when it differs from this run only in how
+    the batches are planned (as after a default changed between versions: the flags) or in the
+    CPU numerics it was begun with (another machine, another MKL mode: the environment)."""
+    plan = {f"identity.extraction.{name}" for name in PLAN_FLAGS}
+    numerics = {f"identity.extraction.numerics.{name}" for name in NUMERICS_ENV}
+    if not exc.differences or any(key not in plan | numerics for key, _, _ in exc.differences):
         return exc
-    flags = []
+    flags, env = [], []
     for key, was, _ in exc.differences:
         name = key.rpartition(".")[2]
-        if name == "window_rows":  # exactly this many rows again (whole shards already)
-            value = repr(int(was) * row_bytes(layout) / (1 << 20))
+        if key in numerics:  # torch's variable takes lower case (avx2); MKL's default is unset
+            value = str(was).lower() if name == "cpu_capability" else was
+            value = "" if value == "OFF" else value
+            env.append(f"{NUMERICS_ENV[name]}={shlex.quote(str(value))}")
+        elif name == "window_rows":  # exactly this many rows again (whole shards already)
+            flags.append(f"--window-mb {int(was) * row_bytes(layout) / (1 << 20)!r}")
         else:
-            value = "fill" if was is None else str(was)
-        flags.append(f"{PLAN_FLAGS[name]} {value}")
-    return StoreExistsError(
-        f"{exc}. To resume it instead, run the same command with {' '.join(flags)} (the "
-        "settings it was written with)",
-        exc.differences,
-    )
+            flags.append(f"{PLAN_FLAGS[name]} {'fill' if was is None else was}")
+    how = []
+    if flags:
+        how.append(f"run the same command with {' '.join(flags)} (the settings it was written "
+                   "with)")  # fmt: skip
+    if env:
+        how.append(f"run it with {' '.join(env)} in the environment (the numerics it was begun "
+                   "with), on a CPU that has them")  # fmt: skip
+    return StoreExistsError(f"{exc}. To resume or reuse it instead, {'; and '.join(how)}",
+                            exc.differences)  # fmt: skip
 
 
 def row_bytes(layout: Layout) -> int:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +17,7 @@ import pipeline.cache as cache_mod
 from pipeline.backbone import load_backbone
 from pipeline.extract import encode, gather, make_batch
 from pipeline.verify import run_verify, stored_plan, stored_tokens
-from storage import open_store
+from storage import StoreExistsError, open_store
 from tests.conftest import small_cache
 
 
@@ -157,11 +161,8 @@ def test_a_store_written_with_mkl_not_strict_warns_and_is_verified_with_a_tolera
     model_dir, glue_dir, tmp_path
 ):
     """A program that ran torch before importing pipeline leaves MKL in its default mode:
-    stage one says so, records it, and verify compares with a tolerance, naming why."""
-    import os
-    import subprocess
-    import sys
-
+    stage one says so, records it, and verify compares with a tolerance, naming why; the same
+    program in this (strict) process is refused with the variable that reuses the store."""
     from pipeline.backbone import mkl_mode
 
     if mkl_mode() is None:
@@ -169,7 +170,7 @@ def test_a_store_written_with_mkl_not_strict_warns_and_is_verified_with_a_tolera
     env = {k: v for k, v in os.environ.items() if k != "MKL_CBWR"}  # this process has set it
     code = (
         "import torch\ntorch.ones(64, 64) @ torch.ones(64, 64)  # MKL fixes its mode here\n"
-        "import logging\nlogging.basicConfig(level=logging.WARNING)\n"
+        "import logging\nlogging.basicConfig(level=logging.INFO)\n"
         "from tests.conftest import small_cache\n"
         f"small_cache({model_dir('bert')!r}, {f'glue:{glue_dir}'!r}, {str(tmp_path / 's')!r})\n"
     )
@@ -183,6 +184,18 @@ def test_a_store_written_with_mkl_not_strict_warns_and_is_verified_with_a_tolera
     assert not report["exact"] and report["mismatches"] == []
     assert "CPU numerics" in report["inexact_reason"]
     assert recorded["mkl"] in report["inexact_reason"]
+
+    with pytest.raises(StoreExistsError, match=r"numerics\.mkl: existing") as err:
+        small_cache(model_dir("bert"), f"glue:{glue_dir}", tmp_path / "s")  # strict here
+    hint = str(err.value).split("run it with ")[1].split(" in the environment")[0]
+    name, _, value = shlex.split(hint)[0].partition("=")
+    assert name == "MKL_CBWR"
+    again = subprocess.run(  # with the hinted variable, the same store is found complete
+        [sys.executable, "-c", code.split("\n", 2)[2]], cwd=Path(__file__).parents[2],
+        env=dict(env, MKL_CBWR=value), capture_output=True, text=True,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "not strict" in again.stderr and "already complete for these settings" in again.stderr
 
 
 def store_arrays(path: Path) -> dict[str, np.ndarray]:
@@ -248,8 +261,6 @@ def test_a_store_from_before_batch_cost_resumes_with_fill(
     ``--batch-cost fill`` into the same store as an uninterrupted budget-filling run."""
     import json
 
-    from storage import StoreExistsError
-
     model, data = model_dir("bert"), f"glue:{glue_dir}"
     old = dict(token_budget=64, window_mb=0.05, batch_cost=None)
     small_cache(model, data, tmp_path / "ref", **old)
@@ -279,8 +290,6 @@ def test_a_store_planned_with_other_windows_names_the_flag_that_resumes_it(
     """After ``--window-mb``'s default changes, an interrupted store of the old default is refused
     with the exact ``--window-mb`` that re-plans its batches; with it, the store is the same as
     an uninterrupted run."""
-    from storage import StoreExistsError
-
     model, data = model_dir("bert"), f"glue:{glue_dir}"
     old = dict(token_budget=64, window_mb=0.05)
     small_cache(model, data, tmp_path / "ref", **old)
