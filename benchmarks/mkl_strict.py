@@ -14,9 +14,15 @@ train samples, plans batches exactly as stage one does and then reports:
   thread and at two (any difference breaks ``verify``'s bit-exact comparison of a two-stream
   store).
 
+With ``--train STORE --eval STORE`` each child also trains ``--sidenets`` (default READ and
+LST) for one epoch on those stores (:func:`pipeline.train.run_train` with its default threads:
+half the cores), since MKL's mode applies to stage two too.
+
 Run from the repository root::
 
     .venv/bin/python -m benchmarks.mkl_strict --limit 8000 --rounds 2
+    .venv/bin/python -m benchmarks.mkl_strict --limit 8000 --rounds 4 \
+        --train stores/bbc-train --eval stores/bbc-dev
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from typing import Any
 MODES = {"default": "", "strict": "AUTO,STRICT"}  # "" leaves MKL in its own default mode
 
 
-def child(limit: int, check: int) -> dict[str, Any]:
+def child(limit: int, check: int, train: list[str] | None, sidenets: list[str]) -> dict[str, Any]:
+    import tempfile
+    import time
+
     import numpy as np
     import torch
 
@@ -58,13 +67,24 @@ def child(limit: int, check: int) -> dict[str, Any]:
         differing += any(not torch.equal(runs[0][k], runs[1][k]) for k in prep.layers)
     torch.set_num_threads(before)
     out["checked"], out["differing"] = check, differing
+    if train:
+        from pipeline.train import TrainConfig, run_train
+
+        with tempfile.TemporaryDirectory() as folder:
+            started = time.perf_counter()
+            run_train(TrainConfig(train=train[0], eval=train[1], specs=sidenets, epochs=1,
+                                  out=folder, device="cpu", progress=False))  # fmt: skip
+            out["train_s"] = time.perf_counter() - started
     return out
 
 
-def run_child(mode: str, limit: int, check: int) -> dict[str, Any]:
+def run_child(mode: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, MKL_CBWR=MODES[mode])
-    cmd = [sys.executable, "-m", "benchmarks.mkl_strict", "--child", "--limit", str(limit),
-           "--check", str(check)]  # fmt: skip
+    cmd = [sys.executable, "-m", "benchmarks.mkl_strict", "--child", "--limit", str(args.limit),
+           "--check", str(args.check)]  # fmt: skip
+    if args.train:
+        cmd += ["--train", args.train, "--eval", args.eval]
+        cmd += [x for name in args.sidenets for x in ("--sidenet", name)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"child for mode {mode} failed:\n{done.stderr[-3000:]}")
@@ -77,15 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="ABBA rounds (2 children per round)")
     p.add_argument("--check", type=int, default=40, help="batches compared at 1 and 2 threads")
     p.add_argument("--json", default=None, help="write every child's figures here")
+    p.add_argument("--train", default=None, help="also train on this store (stage two)")
+    p.add_argument("--eval", default=None, help="the dev store for --train")
+    p.add_argument("--sidenet", dest="sidenets", action="append", default=None,
+                   help="spec for --train (repeatable; default read and lst)")  # fmt: skip
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.sidenets = args.sidenets or ["read", "lst"]
+    if bool(args.train) != bool(args.eval):
+        p.error("--train and --eval go together")
     if args.child:
-        print(json.dumps(child(args.limit, args.check)))
+        stores = [args.train, args.eval] if args.train else None
+        print(json.dumps(child(args.limit, args.check, stores, args.sidenets)))
         return 0
     results = []
     for r in range(args.rounds):
         for mode in ("default", "strict") if r % 2 == 0 else ("strict", "default"):
-            results.append(run_child(mode, args.limit, args.check))
+            results.append(run_child(mode, args))
             print(f"round {r + 1} {mode}: {json.dumps(results[-1])}", file=sys.stderr)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
@@ -106,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         label = value or "'' (MKL's default)"
         print(f"| {label} | {', '.join(seen)} | {med(mode, 'streams2_s'):.2f} | "
               f"{med(mode, 'streams1_s'):.2f} | {diff} |")  # fmt: skip
-    for key, label in (("streams2_s", "2 streams"), ("streams1_s", "1 stream")):
+    keys = [("streams2_s", "2 streams"), ("streams1_s", "1 stream")]
+    if args.train:
+        keys.append(("train_s", f"stage two ({', '.join(args.sidenets)}, 1 epoch)"))
+        print(f"\nstage two, median s: default {med('default', 'train_s'):.2f}, "
+              f"strict {med('strict', 'train_s'):.2f}")  # fmt: skip
+    for key, label in keys:
         print(f"\nstrict / default, {label}: {med('strict', key) / med('default', key):.3f}")
     return 0
 
