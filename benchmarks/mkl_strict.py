@@ -57,7 +57,8 @@ def child(limit: int, check: int, train: list[str] | None, sidenets: list[str]) 
     for streams in (2, 1):
         out[f"streams{streams}_s"] = forward_pass(prep, None, streams).wall_s
     before, differing = torch.get_num_threads(), 0
-    for i in np.unique(np.linspace(0, len(prep.batches) - 1, num=check).astype(int)):
+    picks = np.unique(np.linspace(0, len(prep.batches) - 1, num=check).astype(int))
+    for i in picks:
         batch = make_batch(prep.tok, np.sort(prep.batches[i]), prep.bb.device)
         runs = []
         for threads in (1, 2):
@@ -66,7 +67,7 @@ def child(limit: int, check: int, train: list[str] | None, sidenets: list[str]) 
                                       batch.token_type_ids, prep.layers))  # fmt: skip
         differing += any(not torch.equal(runs[0][k], runs[1][k]) for k in prep.layers)
     torch.set_num_threads(before)
-    out["checked"], out["differing"] = check, differing
+    out["checked"], out["differing"] = len(picks), differing
     if train:
         from pipeline.train import TrainConfig, run_train
 
