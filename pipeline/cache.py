@@ -381,7 +381,10 @@ def resume_hint(exc: StoreExistsError, layout: Layout) -> StoreExistsError:
     CPU numerics it was begun with (another machine, another MKL mode: the environment)."""
     plan = {f"identity.extraction.{name}" for name in PLAN_FLAGS}
     numerics = {f"identity.extraction.numerics.{name}" for name in NUMERICS_ENV}
-    if not exc.differences or any(key not in plan | numerics for key, _, _ in exc.differences):
+    if not exc.differences or any(
+        key not in plan | numerics or (key in numerics and was is None)  # no MKL: no variable
+        for key, was, _ in exc.differences
+    ):
         return exc
     flags, env = [], []
     for key, was, _ in exc.differences:
