@@ -12,7 +12,9 @@ train samples, plans batches exactly as stage one does and then reports:
   run), as :func:`benchmarks.stage_one.forward_pass` does, after a warm-up;
 - how many of ``--check`` batches spread over the plan give different hidden states at one
   thread and at two (any difference breaks ``verify``'s bit-exact comparison of a two-stream
-  store).
+  store);
+- how many of 117 small seeded products ``(M x K) @ (K x K)`` (M 1-39, K 32, 64, 384: the
+  shapes of the tiny test backbones and of a pooler on a few rows) differ at one thread and two.
 
 With ``--train STORE --eval STORE`` each child also trains ``--sidenets`` (default READ and
 LST) for one epoch on those stores (:func:`pipeline.train.run_train` with its default threads:
@@ -66,8 +68,18 @@ def child(limit: int, check: int, train: list[str] | None, sidenets: list[str]) 
             runs.append(hidden_states(prep.bb, batch.input_ids, batch.attention_mask,
                                       batch.token_type_ids, prep.layers))  # fmt: skip
         differing += any(not torch.equal(runs[0][k], runs[1][k]) for k in prep.layers)
-    torch.set_num_threads(before)
     out["checked"], out["differing"] = len(picks), differing
+    gen, small = torch.Generator().manual_seed(0), []
+    for m in range(1, 40):
+        for k in (32, 64, 384):
+            a, w = torch.randn(m, k, generator=gen), torch.randn(k, k, generator=gen)
+            products = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                products.append(a @ w)
+            small.append(not torch.equal(*products))
+    torch.set_num_threads(before)
+    out["small_shapes"], out["small_differing"] = len(small), sum(small)
     if train:
         from pipeline.train import TrainConfig, run_train
 
@@ -125,16 +137,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"MiniLM forward passes over the first {args.limit} SST-2 train samples, "
           f"{args.rounds} children per mode, ABBA\n")  # fmt: skip
-    print("| MKL_CBWR | MKL mode | 2 streams x 1 thread, median s | 1 stream x 2 threads, "
-          "median s | batches differing at 1 vs 2 threads |")  # fmt: skip
-    print("|---|---|---|---|---|")
+    print(
+        "| MKL_CBWR | MKL mode | 2 streams x 1 thread, median s | 1 stream x 2 threads, "
+        "median s | batches differing at 1 vs 2 threads | small products differing |"
+    )
+    print("|---|---|---|---|---|---|")
     for mode, value in MODES.items():
         rows = [x for x in results if x["mode"] == mode]
         seen = sorted({str(x["numerics"]["mkl"]) for x in rows})
         diff = ", ".join(f"{x['differing']}/{x['checked']}" for x in rows)
+        small = ", ".join(f"{x['small_differing']}/{x['small_shapes']}" for x in rows)
         label = value or "'' (MKL's default)"
         print(f"| {label} | {', '.join(seen)} | {med(mode, 'streams2_s'):.2f} | "
-              f"{med(mode, 'streams1_s'):.2f} | {diff} |")  # fmt: skip
+              f"{med(mode, 'streams1_s'):.2f} | {diff} | {small} |")  # fmt: skip
     keys = [("streams2_s", "2 streams"), ("streams1_s", "1 stream")]
     if args.train:
         keys.append(("train_s", f"stage two ({', '.join(args.sidenets)}, 1 epoch)"))
