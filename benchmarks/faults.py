@@ -113,7 +113,7 @@ def make_workload(
 
 
 def sidecache(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "stages.cli", *args]
 
 
 def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:

@@ -40,9 +40,10 @@ import torch
 from benchmarks.stage_one import SST2
 from benchmarks.stage_two import ensure_store
 from pipeline.loader import StoreLoader
+from pipeline.memory import cpu_threads
 from pipeline.sidenets import SideBatch, StoreInfo, parse_spec
 from pipeline.sidenets import precision as lowp
-from pipeline.train import TrainConfig, cpu_threads, make_member, train_step
+from pipeline.train import TrainConfig, make_member, train_step
 from storage import open_store
 
 log = logging.getLogger("benchmarks.precision")
@@ -72,7 +73,7 @@ def shapes_child(store: Path, arm: str) -> dict[str, float]:
     """One pass of READ over every batch of the store (``arm``: float32, bfloat16, unpadded)."""
     torch.set_num_threads(cpu_threads(0))
     reader = open_store(store)
-    info = StoreInfo.from_meta(reader.meta, reader.path)
+    info = StoreInfo.from_meta(reader.meta)
     batches = list(StoreLoader(reader, 32, shuffle=True, seed=0, ram_budget=1 << 40).epoch(0))
     seen: set[int] = set()
     real = lowp.padded
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes(store, args.repeats)
         return 0
     reader = open_store(store)
-    info = StoreInfo.from_meta(reader.meta, reader.path)
+    info = StoreInfo.from_meta(reader.meta)
     loader = StoreLoader(reader, 32, shuffle=True, seed=0, ram_budget=1 << 40)
     batches = list(loader.epoch(0))
     rows = statistics.median(int(b.lengths.sum()) for b in batches)

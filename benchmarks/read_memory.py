@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 import pipeline.train as train_mod
+from pipeline.memory import lean_malloc
 from pipeline.sidenets import SideBatch, StoreInfo, parse_spec
 
 
@@ -78,7 +79,7 @@ class Sampler:
 
 def step(args: argparse.Namespace) -> None:
     if not args.default_malloc:
-        train_mod.lean_malloc()
+        lean_malloc()
     torch.set_num_threads(1)
     task = {"type": "classification", "num_labels": 2}
     info = StoreInfo(hidden_size=384, layers=tuple(range(7)), positions="all", pooling="mean",

@@ -71,8 +71,9 @@ import torch
 from pipeline.cache import CacheConfig, run_cache
 from pipeline.errors import SidecacheError
 from pipeline.loader import StoreLoader
+from pipeline.memory import cpu_threads
 from pipeline.sidenets import StoreInfo, parse_spec
-from pipeline.train import TrainConfig, cpu_threads, make_member, run_train, train_step
+from pipeline.train import TrainConfig, make_member, run_train, train_step
 from storage import open_store
 
 log = logging.getLogger("benchmarks.stage_two")

@@ -51,10 +51,15 @@ from pipeline.tokens import (
 from storage import (
     WHOLE,
     BatchRows,
+    DiskFullError,
     Layout,
+    SidecacheError,
+    StoreExistsError,
+    StoreWriteError,
     claim,
     create_store,
     finalize_store,
+    itemsize,
     locate,
     meta_lock,
     open_store,
@@ -63,8 +68,6 @@ from storage import (
     parse_positions,
     shard_slot,
 )
-from storage.codecs import itemsize
-from storage.errors import DiskFullError, SidecacheError, StoreExistsError, StoreWriteError
 
 log = logging.getLogger(__name__)
 EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.35, "int8": 1.2}

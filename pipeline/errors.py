@@ -1,8 +1,8 @@
-"""Errors of the pipeline layer; the shared base classes live in :mod:`storage.errors`."""
+"""Errors of the pipeline layer; the shared base classes come from :mod:`storage`."""
 
 from __future__ import annotations
 
-from storage.errors import (
+from storage import (
     ConfigError,
     NonFiniteError,
     SidecacheError,

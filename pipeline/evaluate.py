@@ -60,7 +60,7 @@ def evaluate_run(run: str | Path, eval_store: str, *, device: str = "cpu",
         reader = open_store(eval_store, expect=same_source(meta))
     except StoreMismatchError as exc:
         raise StoreMismatchError(f"{run} was trained on another kind of store: {exc}") from exc
-    info = StoreInfo.from_meta(reader.meta, reader.path)
+    info = StoreInfo.from_meta(reader.meta)
     dev = pick_device(device)
     model = build(parse_spec(state["spec"]), info)
     model.load_state_dict(state["state_dict"])

@@ -38,8 +38,7 @@ import torch
 
 from pipeline.budget import ByteBudget, ReadAccount, Rows, Stopped, nbytes
 from pipeline.sidenets.base import SideBatch
-from storage import StoreReader, decode_rows
-from storage.codecs import STORED_DTYPES, itemsize
+from storage import STORED_DTYPES, StoreReader, decode_rows, itemsize
 
 log = logging.getLogger(__name__)
 _END = object()  # end of the stream in a queue

@@ -30,6 +30,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.sidenets import parse_spec
+from storage import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def spec_costs(task: Task, specs: list[str]) -> list[float]:
         from storage import open_store
 
         reader = open_store(task.train)
-        info = StoreInfo.from_meta(reader.meta, reader.path)
+        info = StoreInfo.from_meta(reader.meta)
         models = [build(parse_spec(s), info) for s in specs]
         return [float(sum(p.numel() for p in m.parameters() if p.requires_grad)) for m in models]
     except Exception as exc:  # the workers will report the real problem
@@ -262,41 +263,13 @@ def _run_here(units: list[Unit]) -> SweepResult:
     return result
 
 
-def worker_environ(cfg: SweepConfig) -> dict[str, Any]:
-    """Environment of LocalCluster workers: Dask's defaults without ``MALLOC_TRIM_THRESHOLD_``.
-
-    Dask sets it to 64 KiB so workers hand freed memory back to the OS at once; the loader frees
-    and reallocates batch-sized arrays all the time, and with it a unit took 10x the page faults,
-    4x the system time and 37% more CPU-seconds (measured, BENCHMARKS.md).
-    """
-    import dask
-
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
-    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        environ[name] = cfg.threads
-    return environ
-
-
 def _run_dask(units: list[Unit], cfg: SweepConfig) -> SweepResult:
-    import dask
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    cluster = None
-    if cfg.scheduler == "local":
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ(cfg)}):
-            cluster = LocalCluster(
-                n_workers=cfg.workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=None,
-                silence_logs=logging.WARNING,
-            )
-        client = Client(cluster)
-    else:
-        client = Client(cfg.scheduler)
+    from pipeline.cluster import dask_client
+
     result = SweepResult([])
-    try:
+    with dask_client(cfg.scheduler, cfg.workers, cfg.threads) as client:
         futures = {}
         for i, unit in enumerate(units):  # most expensive first
             future = client.submit(
@@ -312,24 +285,17 @@ def _run_dask(units: list[Unit], cfg: SweepConfig) -> SweepResult:
             rows, failure = _failed(unit, future.exception())
             result.rows += rows
             result.failures.append(failure)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return result
 
 
 def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys]
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
-    tmp.replace(path)
 
 
 MARKDOWN_COLUMNS = ("task", "seed", "name", "status", "score", "best_epoch", "params", "train_s")

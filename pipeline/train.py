@@ -4,21 +4,17 @@ One loader pass feeds every side network; each has its own optimiser, schedule, 
 state and random-number stream (dropout), so a network trains exactly as it would alone. After
 each epoch every network is evaluated on the eval store; the best checkpoint is kept.
 
-Outputs under ``OUT/<name>/``: ``best.pt`` (config, weights, store identity), ``last.pt`` (plus
-optimiser state, for resuming), ``metrics.json``, ``history.csv``.
+Outputs under ``OUT/<name>/`` (:mod:`pipeline.checkpoints`): ``best.pt`` (config, weights,
+store identity), ``last.pt`` (plus optimiser state, for resuming), ``metrics.json``,
+``history.csv``. The optimiser is :mod:`pipeline.optim`; CPU threads and glibc's allocator are
+:mod:`pipeline.memory`.
 """
 
 from __future__ import annotations
 
-import csv
-import ctypes
-import dataclasses
-import functools
-import json
 import logging
-import os
-import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +23,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import metrics
+from pipeline import metrics, rng
+from pipeline.checkpoints import resume, save_best, write_outputs
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.loader import StoreLoader
-from pipeline.sidenets import SideSpec, StoreInfo, build, loss_fn, parse_spec
+from pipeline.memory import cpu_threads, lean_malloc, trim_malloc
+from pipeline.optim import AdamW, WarmupDecay, schedule
+from pipeline.sidenets import SideSpec, StoreInfo, build, init_from_store, loss_fn, parse_spec
 from storage import StoreReader, open_store
 
 log = logging.getLogger(__name__)
@@ -74,10 +73,11 @@ class Member:
     model: torch.nn.Module
     optim: torch.optim.Optimizer | AdamW  # online baselines use torch's own
     sched: torch.optim.lr_scheduler.LambdaLR | WarmupDecay
-    rng: torch.Tensor
+    rng: rng.RngState  # its dropout stream: swapped into torch's generators for its steps
     folder: Path
     eval_batch: int
     micro_rows: int = 0  # > 0: training steps run in groups of at most this many rows
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     best_epoch: int = -1
@@ -85,7 +85,7 @@ class Member:
     stopped: bool = False
     epochs_done: int = 0
     seconds: float = 0.0
-    loss_sum: float = 0.0
+    loss_sum: torch.Tensor | float = 0.0
     loss_count: int = 0
 
     @property
@@ -122,113 +122,34 @@ def open_pair(train: str, eval_: str) -> tuple[StoreReader, StoreReader]:
     return tr, ev
 
 
-class AdamW:
-    """``torch.optim.AdamW`` with its defaults (betas 0.9/0.999, eps 1e-8, no amsgrad), step for
-    step the same arithmetic as the single-tensor path torch runs for CPU tensors, so results are
-    bit-identical to it (``tests/pipeline/test_train.py``). Stage two uses this instead of
-    ``torch.optim`` because any ``torch.optim.Optimizer`` imports ``torch._dynamo`` (and with it
-    sympy) on first use: +71 MB resident, a third of a stage-two process's memory above an idle
-    interpreter with torch. State per parameter: its step count and the two moments."""
-
-    def __init__(self, params: Any, lr: float, weight_decay: float = 0.01,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):  # fmt: skip
-        self.params: list[torch.Tensor] = list(params)
-        self.base_lr, self.lr, self.weight_decay = lr, lr, weight_decay
-        self.betas, self.eps = betas, eps
-        self.steps: list[float] = [0.0] * len(self.params)
-        self.moments: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.params)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if p.grad is not None:
-                if set_to_none:
-                    p.grad = None
-                else:
-                    p.grad.zero_()
-
-    @torch.no_grad()
-    def step(self) -> None:
-        lr, wd, (beta1, beta2), eps = self.lr, self.weight_decay, self.betas, self.eps
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            moments = self.moments[i]
-            if moments is None:
-                moments = (
-                    torch.zeros_like(p, memory_format=torch.preserve_format),
-                    torch.zeros_like(p, memory_format=torch.preserve_format),
-                )
-                self.moments[i] = moments
-            exp_avg, exp_avg_sq = moments
-            grad = p.grad
-            self.steps[i] += 1.0
-            step = self.steps[i]
-            if wd != 0:
-                p.mul_(1 - lr * wd)
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = lr / (1 - beta1**step)
-            denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
-            p.addcdiv_(exp_avg, denom, value=-step_size)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"lr": self.lr, "steps": list(self.steps), "moments": list(self.moments)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "moments" not in state or len(state["moments"]) != len(self.params):
-            raise ConfigError(
-                "last.pt holds optimiser state of another format (torch.optim, from an older "
-                "sidecache) or of another network; delete it to train from the start"
-            )
-        self.lr, self.steps = state["lr"], list(state["steps"])
-        self.moments = list(state["moments"])
-
-
-class WarmupDecay:
-    """``torch.optim.lr_scheduler.LambdaLR(optim, schedule(total, warmup))`` for :class:`AdamW`:
-    the learning rate is ``base_lr * factor(n)`` after ``n`` calls of :meth:`step`."""
-
-    def __init__(self, optim: AdamW, factor: Any):
-        self.optim, self.factor, self.last_epoch = optim, factor, 0
-        optim.lr = optim.base_lr * factor(0)
-
-    def step(self) -> None:
-        self.last_epoch += 1
-        self.optim.lr = self.optim.base_lr * self.factor(self.last_epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_epoch": self.last_epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.last_epoch = int(state["last_epoch"])
-        self.optim.lr = self.optim.base_lr * self.factor(self.last_epoch)
-
-
-def schedule(total: int, warmup: float) -> Any:
-    ramp = max(1, round(total * warmup))
-
-    def factor(step: int) -> float:
-        if step < ramp:
-            return (step + 1) / ramp
-        return max(0.0, (total - step) / max(1, total - ramp))
-
-    return factor
-
-
 def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: TrainConfig,
-                device: torch.device, eval_batch: int | None = None) -> Member:  # fmt: skip
+                device: torch.device, eval_batch: int | None = None,
+                read: Callable[[str], np.ndarray] | None = None) -> Member:  # fmt: skip
+    """A fresh network, its optimiser and schedule, seeded by its ``seed=`` (else ``cfg.seed``).
+    ``read`` reads the train store's small arrays, for networks initialised from them."""
     seed = spec.train.seed or cfg.seed
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build(spec, info).to(device)
-        rng = torch.get_rng_state()
+        model = build(spec, info)
+        stream = rng.capture(torch.device("cpu"))
+    init_from_store(model, read)
+    model.to(device)
     optim = AdamW(model.parameters(), lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     sched = WarmupDecay(optim, schedule(total, spec.train.warmup))
     if eval_batch is None:  # callers without stores: the size that needs none
         eval_batch = eval_batch_size(cfg)
-    return Member(
-        name, spec, model, optim, sched, rng, Path(cfg.out) / name, eval_batch, cfg.micro_rows
-    )
+    folder = Path(cfg.out) / name
+    return Member(name, spec, model, optim, sched, member_stream(stream[0], seed, device),
+                  folder, eval_batch, cfg.micro_rows, device)  # fmt: skip
+
+
+def member_stream(cpu_state: torch.Tensor, seed: int, device: torch.device) -> rng.RngState:
+    """A network's dropout stream: on CPU the generator's state right after building it (as
+    before any step when it trains alone); on CUDA that plus the device generator seeded with
+    the network's seed, so its masks never depend on what else trains in the pass."""
+    if device.type != "cuda":
+        return cpu_state, None
+    return cpu_state, rng.seeded(seed, device)[1]
 
 
 def check_micro_rows(n: int) -> None:
@@ -255,50 +176,6 @@ def eval_batch_size(cfg: TrainConfig, train: StoreReader | None = None,
     return max(1, min(cfg.batch_size, round(cfg.batch_size * per_train / max(per_eval, 1e-9))))
 
 
-def checkpoint(m: Member, info: StoreInfo, identity: dict[str, Any], full: bool) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "kind": m.spec.kind,
-        "spec": m.spec.text,
-        "model_config": dataclasses.asdict(m.spec.config()),
-        "train_settings": dataclasses.asdict(m.spec.train),
-        "store_info": info.to_json(),
-        "store_identity": identity,
-        "state_dict": m.model.state_dict(),
-        "epoch": m.epochs_done,
-        "eval_batch_size": m.eval_batch,
-    }
-    if full:
-        state.update(
-            optim=m.optim.state_dict(), sched=m.sched.state_dict(), rng=m.rng, history=m.history,
-            best=m.best, best_epoch=m.best_epoch, bad_epochs=m.bad_epochs, stopped=m.stopped,
-            seconds=m.seconds,
-        )  # fmt: skip
-    return state
-
-
-def resume(m: Member, identity: dict[str, Any]) -> None:
-    path = m.folder / "last.pt"
-    if not path.is_file():
-        return
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["spec"] != m.spec.text or state["store_identity"] != identity:
-        raise ConfigError(
-            f"{m.folder} holds a run of {state['spec']!r} on another store; choose another --out "
-            "or delete that folder"
-        )
-    m.model.load_state_dict(state["state_dict"])
-    m.optim.load_state_dict(state["optim"])
-    m.sched.load_state_dict(state["sched"])
-    m.rng, m.history, m.best = state["rng"], state["history"], state["best"]
-    m.best_epoch, m.bad_epochs, m.stopped = (
-        state["best_epoch"],
-        state["bad_epochs"],
-        state["stopped"],
-    )
-    m.epochs_done, m.seconds = state["epoch"], state["seconds"]
-    log.info("%s: resuming after epoch %d", m.name, m.epochs_done)
-
-
 def train_step(m: Member, batch: Any, info: StoreInfo) -> None:
     """One optimiser step on ``batch``. When the member's ``micro_rows`` is set, a batch of more
     rows runs forward and backward in groups of whole samples (:meth:`SideBatch.split`), each
@@ -309,7 +186,7 @@ def train_step(m: Member, batch: Any, info: StoreInfo) -> None:
     its outputs exactly)."""
     started = time.perf_counter()
     m.model.train()
-    torch.set_rng_state(m.rng)  # each network has its own dropout stream
+    rng.restore(m.rng, m.device)  # each network has its own dropout stream
     m.optim.zero_grad(set_to_none=True)
     # online baselines' batches are not SideBatches; they never set micro_rows
     parts = batch.split(m.micro_rows) if m.micro_rows > 0 else [batch]
@@ -317,10 +194,11 @@ def train_step(m: Member, batch: Any, info: StoreInfo) -> None:
     for part in parts:
         loss = loss_fn(info, m.model(part), part.labels)
         (loss if len(parts) == 1 else loss * (len(part.lengths) / n)).backward()
-        m.loss_sum += float(loss.detach()) * len(part.lengths)
+        # kept on the device, summed in float64: no host sync per step
+        m.loss_sum = m.loss_sum + loss.detach().double() * len(part.lengths)
     m.optim.step()
     m.sched.step()
-    m.rng = torch.get_rng_state()
+    m.rng = rng.capture(m.device)
     m.loss_count += n
     m.seconds += time.perf_counter() - started
 
@@ -342,55 +220,12 @@ def evaluate(models: list[Member], loader: StoreLoader, info: StoreInfo, device:
     return {name: metrics.compute(info.task, np.concatenate(o), y) for name, o in outs.items()}
 
 
-def peak_memory(device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda":
-        return {"device": "cuda", "peak_bytes": int(torch.cuda.max_memory_allocated(device))}
-    return {
-        "device": "cpu",
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
-
-
-def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], device: torch.device,
-                  finished: bool, loaders: list[dict[str, Any]] | None = None,
-                  ) -> dict[str, Any]:  # fmt: skip
-    m.folder.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint(m, info, identity, full=True), m.folder / "last.pt.tmp")
-    (m.folder / "last.pt.tmp").replace(m.folder / "last.pt")
-    final = m.history[-1]["eval"] if m.history else None
-    result = {
-        "name": m.name,
-        "spec": m.spec.text,
-        "kind": m.spec.kind,
-        "eval": {"best": m.best, "final": final, "best_epoch": m.best_epoch},
-        "train_loss": m.history[-1]["train_loss"] if m.history else None,
-        "epochs": m.epochs_done,
-        "stopped_early": m.stopped,
-        "finished": finished,
-        "trainable_params": m.params,
-        "wall_time_s": round(m.seconds, 3),
-        "memory": peak_memory(device),
-        "torch_threads": torch.get_num_threads(),
-        "micro_rows": m.micro_rows,
-    }
-    if loaders is not None:  # the streaming loaders' memory, once the run is over
-        result["loader_memory"] = loaders
-    (m.folder / "metrics.json").write_text(json.dumps(result, indent=2))
-    with (m.folder / "history.csv").open("w", newline="") as f:
-        keys = sorted(m.history[0]["eval"]) if m.history else []
-        w = csv.writer(f)
-        w.writerow(["epoch", "train_loss", *keys])
-        for h in m.history:
-            w.writerow([h["epoch"], h["train_loss"], *(h["eval"][k] for k in keys)])
-    return result
-
-
 def record_epoch(m: Member, epoch: int, scores: dict[str, float]) -> bool:
     """Append the epoch to the history; True when it is the best so far. Sets ``m.stopped``
     once ``patience`` epochs in a row brought no improvement."""
     m.epochs_done = epoch + 1
     m.history.append(
-        {"epoch": epoch + 1, "train_loss": m.loss_sum / max(1, m.loss_count), "eval": scores}
+        {"epoch": epoch + 1, "train_loss": float(m.loss_sum) / max(1, m.loss_count), "eval": scores}
     )
     m.loss_sum, m.loss_count = 0.0, 0
     if m.best is None or scores["score"] > m.best["score"]:
@@ -406,55 +241,7 @@ def record_epoch(m: Member, epoch: int, scores: dict[str, float]) -> bool:
 def end_epoch(m: Member, epoch: int, scores: dict[str, float], info: StoreInfo,
               identity: dict[str, Any]) -> None:  # fmt: skip
     if record_epoch(m, epoch, scores):
-        m.folder.mkdir(parents=True, exist_ok=True)
-        torch.save(checkpoint(m, info, identity, full=False), m.folder / "best.pt")
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
-@functools.cache
-def _glibc() -> Any:
-    """glibc's allocator entry points, or None where they are not there."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-def lean_malloc(threshold: int = 128 << 10) -> bool:
-    """Serve every allocation above ``threshold`` bytes with its own mmap, returned to the OS when
-    freed (glibc only; process-wide and permanent; False where it does not apply).
-
-    By default glibc raises this threshold (up to 32 MB) each time such a block is freed, so later
-    batch-sized buffers (decoded batches, activations, gradients) come from the heap and their
-    pages stay resident after they are freed. Fixing it at glibc's initial 128 KiB measured 38 MB
-    less peak RSS for one epoch of READ on CoLA (BENCHMARKS.md), at the cost of page faults for
-    every large buffer."""
-    libc = _glibc()
-    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-
-
-def trim_malloc() -> None:
-    """Return the free pages inside glibc's heaps to the OS (``malloc_trim``; a no-op elsewhere).
-
-    Buffers under the mmap threshold come from per-thread heaps; once freed, their pages stay
-    resident, and over an epoch the holes that the loader's and the steps' small buffers leave
-    add up. ``--low-memory`` trims after every training batch and before evaluating."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def cpu_threads(wanted: int) -> int:
-    """Intra-op threads for training on CPU. Side networks run many small matrix products, and
-    the loader decompresses and decodes on its own threads; on a loaded machine, more OpenMP
-    threads mostly spin (on 2 busy cores READ burnt 12x the CPU time with 2 threads than with 1).
-    """
-    if wanted > 0:
-        return wanted
-    return max(1, len(os.sched_getaffinity(0)) // 2)
+        save_best(m, info, identity)
 
 
 def run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
@@ -476,7 +263,7 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     names = member_names(specs)
     train_reader, eval_reader = open_pair(cfg.train, cfg.eval)
     info, identity = (
-        StoreInfo.from_meta(train_reader.meta, train_reader.path),
+        StoreInfo.from_meta(train_reader.meta),
         train_reader.identity,
     )
     from pipeline.backbone import pick_device  # torch only; transformers is never imported
@@ -496,7 +283,7 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     eval_loader = StoreLoader(eval_reader, eval_batch, shuffle=False, **memory)
     total = cfg.epochs * len(loader)
     members = [
-        make_member(n, s, info, total, cfg, device, eval_batch)
+        make_member(n, s, info, total, cfg, device, eval_batch, train_reader.extra)
         for n, s in zip(names, specs, strict=True)
     ]
     for m in members:
@@ -519,7 +306,7 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         scores = evaluate(active, eval_loader, info, device)
         for m in active:
             end_epoch(m, epoch, scores[m.name], info, identity)
-            write_outputs(m, info, identity, device, finished=False)
+            write_outputs(m, info, identity, finished=False)
         log.info("epoch %d: %s", epoch + 1, ", ".join(
             f"{m.name} {scores[m.name]['score']:.4f}" for m in active))  # fmt: skip
     loaders = [
@@ -531,6 +318,5 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         log.info("loader memory (%(loader)s): held at most %(held_peak)d bytes of stored rows; "
                  "budget %(pool_bytes)d, bound %(held_bound)d", x)  # fmt: skip
     return {
-        m.name: write_outputs(m, info, identity, device, finished=True, loaders=loaders)
-        for m in members
+        m.name: write_outputs(m, info, identity, finished=True, loaders=loaders) for m in members
     }

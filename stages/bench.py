@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.bench import DEFAULT_METHODS, BenchConfig, run_bench, to_markdown, worker
+from pipeline.bench import DEFAULT_METHODS, BenchConfig, run_bench, to_markdown
 
 
 def _ints(text: str) -> list[int]:
@@ -18,7 +18,6 @@ def main(argv: list[str] | None = None) -> int:
         "quality (mean ± std over seeds), trainable parameters, peak memory, wall time, "
         "CPU-seconds, GPU energy and stage-one cost. Every run is a fresh subprocess.",
     )
-    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one job file
     p.add_argument("--backbone", default="minilm")
     p.add_argument("--data", help="data spec, e.g. glue:../shared/data/glue/MRPC")
     p.add_argument("--out", help="folder for stores, runs, bench.json/.csv/.md")
@@ -68,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         "cores)",
     )  # fmt: skip
     args = p.parse_args(argv)
-    if args.worker:
-        return worker(args.worker)
     if not args.data or not args.out:
         p.error("--data and --out are required")
     methods = [m.strip().replace(";", ",") for m in args.methods.split(",") if m.strip()]

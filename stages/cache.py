@@ -8,6 +8,7 @@ import logging
 
 from pipeline.backbone import DEFAULT_BACKBONE
 from pipeline.cache import CacheConfig, run_cache
+from pipeline.cluster_cache import ClusterOptions, run_cache_on_cluster
 from pipeline.data import ColumnOptions
 from pipeline.tokens import BATCH_COST
 
@@ -107,7 +108,30 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the store summary as JSON")
+    add_cluster_flags(p)
     return p
+
+
+def add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    """``--scheduler``/``--shards``: the --shard workers as tasks on a Dask cluster."""
+    g = p.add_argument_group("Dask cluster (pipeline.cluster_cache)")
+    g.add_argument(
+        "--scheduler", default=None,
+        help="run the --shard workers as tasks on a Dask cluster: local (a LocalCluster here) or "
+        "a scheduler address (tcp://host:8786); needs --shards",
+    )  # fmt: skip
+    g.add_argument("--shards", type=int, default=None, metavar="N", help="shard tasks (I/N)")
+    g.add_argument(
+        "--workers", type=int, default=0,
+        help="LocalCluster worker processes (default: one per shard task, at most one per core)",
+    )  # fmt: skip
+    g.add_argument("--retries", type=int, default=1, help="retries of a task that crashed")
+
+
+def cluster_options(args: argparse.Namespace) -> ClusterOptions | None:
+    if args.scheduler is None and args.shards is None:
+        return None
+    return ClusterOptions(args.scheduler, args.shards, args.workers, args.retries)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         shard=args.shard,
         finalize=args.finalize,
     )
-    summary = run_cache(cfg)
+    cluster = cluster_options(args)
+    summary = run_cache(cfg) if cluster is None else run_cache_on_cluster(cfg, cluster)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

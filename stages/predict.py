@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +13,7 @@ from pipeline import metrics
 from pipeline.data import ColumnOptions, TextData, head, load_data
 from pipeline.errors import ConfigError
 from pipeline.predict import load_predictor, predict
+from storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = predict(loaded, data)
     rows = records(outputs, task, gold)
     if args.out:
-        tmp = Path(f"{args.out}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, args.out)
+        write_text_atomic(args.out, "".join(json.dumps(r) + "\n" for r in rows))
         log.info("wrote %d predictions to %s", len(rows), args.out)
     else:
         for row in rows[:20]:

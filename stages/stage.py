@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from pipeline.params import Params, ParamsError, glue_tasks, load_params, sidenet_specs
+from storage import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,6 @@ def store_path(root: Path, task: str, split: str) -> Path:
 
 def manifest_path(root: Path, task: str, split: str) -> Path:
     return root / "stores" / f"{task}-{split}.json"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def cmd_cache(params: Params, root: Path, task: str, split: str, progress: bool) -> int:
@@ -67,7 +61,9 @@ def cmd_cache(params: Params, root: Path, task: str, split: str, progress: bool)
         run_cache(cfg)
     meta = open_store(str(out)).meta
     keep = ("schema_version", "layout", "identity", "task", "stats")
-    _atomic_write(manifest, json.dumps({k: meta[k] for k in keep if k in meta}, indent=1) + "\n")
+    write_text_atomic(
+        manifest, json.dumps({k: meta[k] for k in keep if k in meta}, indent=1) + "\n"
+    )
     log.info("wrote %s", manifest)
     return 0
 
@@ -111,7 +107,8 @@ def cmd_evaluate(params: Params, root: Path, task: str, name: str) -> int:
     check_recorded(run, recorded, scores)
     row = flat_row(task, name, recorded, scores)
     results = root / "results"
-    _atomic_write(results / "metrics" / task / f"{name}.json", json.dumps(row, indent=1) + "\n")
+    metrics_file = results / "metrics" / task / f"{name}.json"
+    write_text_atomic(metrics_file, json.dumps(row, indent=1) + "\n")
     write_curve(run, results / "curves" / task / f"{name}.csv")
     log.info("%s/%s: %s", task, name, {k: row[k] for k in scores})
     return 0

@@ -5,10 +5,19 @@ transformers: it stores rows of hidden states (one row per token, or per sample 
 single-position modes), their sample offsets, token ids and labels, and JSON metadata.
 """
 
+from storage.atomic import atomic_path, write_text_atomic
 from storage.claims import WHOLE, claim, meta_lock, shard_slot
-from storage.codecs import STORED_DTYPES, CodecSpec, decode_rows, parse_codec, parse_dtype
+from storage.codecs import (
+    STORED_DTYPES,
+    CodecSpec,
+    decode_rows,
+    itemsize,
+    parse_codec,
+    parse_dtype,
+)
 from storage.errors import (
     ConfigError,
+    DiskFullError,
     NonFiniteError,
     SidecacheError,
     StoreBusyError,
@@ -19,6 +28,7 @@ from storage.errors import (
     StoreMismatchError,
     StoreNotFoundError,
     StoreSchemaError,
+    StoreWriteError,
 )
 from storage.location import Location, locate
 from storage.reader import StoreReader, open_store
@@ -33,6 +43,7 @@ __all__ = [
     "BatchRows",
     "CodecSpec",
     "ConfigError",
+    "DiskFullError",
     "Layout",
     "Location",
     "NonFiniteError",
@@ -46,11 +57,14 @@ __all__ = [
     "StoreNotFoundError",
     "StoreReader",
     "StoreSchemaError",
+    "StoreWriteError",
     "StoreWriter",
+    "atomic_path",
     "claim",
     "create_store",
     "decode_rows",
     "finalize_store",
+    "itemsize",
     "locate",
     "meta_lock",
     "open_store",
@@ -58,4 +72,5 @@ __all__ = [
     "parse_dtype",
     "parse_positions",
     "shard_slot",
+    "write_text_atomic",
 ]

@@ -30,6 +30,8 @@ import numcodecs
 import numpy as np
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 
+from storage.atomic import atomic_path
+
 EMPTY = np.iinfo(np.uint64).max  # index entry of a chunk that is not in the file
 SHUFFLES = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}
 
@@ -124,16 +126,10 @@ def put_file(final: Path, parts: Sequence[bytes]) -> None:
     """Write ``parts`` back to back to a temporary file beside ``final`` and rename it over
     ``final``; on any failure (a full disk, say) the temporary file is removed and ``final`` is
     untouched."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
+    with atomic_path(final) as tmp:
         if not (DIRECT_WRITES and _write_direct(tmp, parts)):
             with open(tmp, "wb") as f:
                 f.writelines(parts)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)

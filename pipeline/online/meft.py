@@ -27,14 +27,14 @@ float32 use ``lam=0.5`` or more. The last block's ``G`` adapter does not reach t
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import nn
 
+from pipeline import rng
 from pipeline.backbone import Backbone
 from pipeline.errors import ConfigError
 from pipeline.extract import gather
@@ -88,24 +88,6 @@ class RevBlock(nn.Module):
         return [p for m in mods for p in m.parameters() if p.requires_grad]
 
 
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextmanager
-def _replay(
-    state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device
-) -> Iterator[None]:
-    """Run with the random-number state of the forward pass (same dropout masks), then restore."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], device)
-        yield
-
-
 class RevStack(torch.autograd.Function):
     """``(x1, x2) -> (x1', x2')`` through every block, storing only the last outputs."""
 
@@ -123,9 +105,9 @@ class RevStack(torch.autograd.Function):
         states = []
         with torch.no_grad():
             for b in blocks:
-                sf = _rng_state(x1.device)
+                sf = rng.capture(x1.device)
                 y1 = lam * x1 + b.f(x2, mask)
-                sg = _rng_state(x1.device)
+                sg = rng.capture(x1.device)
                 y2 = beta * x2 + b.g(y1)
                 states.append((sf, sg))
                 x1, x2 = y2, y1
@@ -143,14 +125,14 @@ class RevStack(torch.autograd.Function):
         for blk, (sf, sg) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
             y2, y1, gy2, gy1 = a, b_out, g1, g2  # this block's outputs were swapped
             gparams = blk.trainable("g")
-            with torch.enable_grad(), _replay(sg, y1.device):
+            with torch.enable_grad(), rng.swapped(sg, y1.device):
                 y1_ = y1.detach().requires_grad_(True)
                 gy = blk.g(y1_)
             dg = torch.autograd.grad(gy, [y1_, *gparams], gy2, allow_unused=True)
             with torch.no_grad():
                 x2 = (y2 - gy) / beta
             fparams = blk.trainable("f")
-            with torch.enable_grad(), _replay(sf, y1.device):
+            with torch.enable_grad(), rng.swapped(sf, y1.device):
                 x2_ = x2.detach().requires_grad_(True)
                 fx = blk.f(x2_, mask)
             gy1_total = gy1 + _zero_if_none(dg[0], y1)

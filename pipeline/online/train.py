@@ -26,20 +26,14 @@ from pipeline import metrics
 from pipeline.backbone import Backbone, load_backbone, pick_device
 from pipeline.data import head, load_data
 from pipeline.errors import ConfigError
+from pipeline.memory import peak_memory
 from pipeline.online.batches import TokenBatch, eval_plan, grouped_order, token_batch
 from pipeline.online.methods import build_online, is_side, parse_method
 from pipeline.online.side import online_info, side_batch
+from pipeline.optim import schedule
 from pipeline.sidenets import SideSpec, StoreInfo
 from pipeline.tokens import Tokenized, tokenize
-from pipeline.train import (
-    Member,
-    TrainConfig,
-    make_member,
-    peak_memory,
-    record_epoch,
-    schedule,
-    train_step,
-)
+from pipeline.train import Member, TrainConfig, make_member, member_stream, record_epoch, train_step
 from storage import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -102,16 +96,16 @@ def make_online_member(
             seed=cfg.seed,
         )
         return make_member(name, spec, info, total, tc, device), lambda b: side_batch(bb, b, info)
+    seed = spec.train.seed or cfg.seed
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.train.seed or cfg.seed)
+        torch.manual_seed(seed)
         model = build_online(spec, bb, info.num_outputs).to(device)
-        rng = torch.get_rng_state()
+        stream = member_stream(torch.get_rng_state(), seed, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule(total, spec.train.warmup))
-    member = Member(
-        name, spec, model, optim, sched, rng, Path(cfg.out) / name, max(cfg.batch_size, 64)
-    )
+    member = Member(name, spec, model, optim, sched, stream, Path(cfg.out) / name,
+                    max(cfg.batch_size, 64), device=device)  # fmt: skip
     return member, lambda b: b
 
 

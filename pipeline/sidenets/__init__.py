@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.sidenets.base import SideBatch, StoreInfo, loss_fn
 from pipeline.sidenets.lst import Lst, LstConfig
 from pipeline.sidenets.precision import PRECISIONS, Autocast
@@ -103,6 +104,24 @@ def parse_spec(text: str) -> SideSpec:
     return SideSpec(kind, model, train, text)
 
 
+def init_from_store(net: nn.Module, read: Callable[[str], np.ndarray] | None) -> None:
+    """Give a freshly built ``net`` the initial weights it takes from its train store (LST's
+    pruned backbone copy, ``lst:init=pruned``). ``read`` reads one of the store's small arrays
+    (``StoreReader.extra``); ``None`` when there is no store, which such a network refuses.
+    Side networks name the arrays (``store_arrays()``) and never open a store themselves;
+    checkpoints restore these weights, so evaluate and predict never call this."""
+    inner = net.net if isinstance(net, Autocast) else net
+    names: list[str] = inner.store_arrays() if hasattr(inner, "store_arrays") else []
+    if not names:
+        return
+    if read is None:
+        raise StoreMismatchError(
+            f"{type(inner).__name__} initialises from arrays of its train store "
+            f"({names[0]}, ...) and there is no store here; train it from a store"
+        )
+    inner.init_from_store({name: read(name) for name in names})
+
+
 def build(spec: SideSpec, info: StoreInfo) -> nn.Module:
     """The side network of ``spec``; wrapped in :class:`Autocast` unless it computes in float32,
     so training, evaluation and prediction all compute alike."""
@@ -111,5 +130,5 @@ def build(spec: SideSpec, info: StoreInfo) -> nn.Module:
     return net if dtype == torch.float32 else Autocast(net, dtype)
 
 
-__all__ = ["REGISTRY", "SideBatch", "SideSpec", "StoreInfo", "TrainSettings", "build", "loss_fn",
-           "parse_spec"]  # fmt: skip
+__all__ = ["REGISTRY", "SideBatch", "SideSpec", "StoreInfo", "TrainSettings", "build",
+           "init_from_store", "loss_fn", "parse_spec"]  # fmt: skip

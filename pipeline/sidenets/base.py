@@ -27,7 +27,6 @@ class StoreInfo:
     causal: bool
     task: dict[str, Any]
     dtype: str = "float32"  # stored dtype (rounding applied to the rows)
-    path: str = ""  # where the store is, for side networks that read extras (LST's init)
     lst_prune: int | None = None  # r of the pruned-backbone initialisation stored, if any
 
     @property
@@ -35,7 +34,7 @@ class StoreInfo:
         return 1 if self.task["type"] == "regression" else int(self.task["num_labels"])
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any], path: str = "") -> StoreInfo:
+    def from_meta(cls, meta: dict[str, Any]) -> StoreInfo:
         backbone = meta["identity"]["backbone"]
         return cls(
             hidden_size=int(meta["layout"]["hidden_size"]),
@@ -46,7 +45,6 @@ class StoreInfo:
             causal=str(backbone.get("pooling")) == "last",
             task=dict(meta["task"]),
             dtype=str(meta["layout"]["dtype"]),
-            path=path,
             lst_prune=meta["identity"].get("extraction", {}).get("lst_prune"),
         )
 

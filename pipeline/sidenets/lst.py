@@ -9,8 +9,10 @@ Attention masks come from the stored offsets. Needs a ``--positions all`` store.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,7 +24,7 @@ from pipeline.sidenets.base import (
     layer_index,
     make_head,
 )
-from storage import ConfigError, StoreMismatchError, open_store
+from storage import ConfigError, StoreMismatchError
 
 
 @dataclass
@@ -104,26 +106,38 @@ class Lst(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, d)
         self.head = make_head(d, info.num_outputs, cfg.head_hidden, cfg.dropout)
-        if cfg.init == "pruned":
-            self._init_pruned(ladders, heads)
-        elif cfg.init != "random":
+        self.ladders = ladders
+        if cfg.init == "pruned" and (heads != info.num_heads or cfg.ff_mult != 4):
+            raise StoreMismatchError("lst:init=pruned keeps the backbone's heads and ff_mult=4")
+        if cfg.init not in ("random", "pruned"):
             raise ConfigError(f"lst: init must be random or pruned; found {cfg.init!r}")
 
-    @torch.no_grad()
-    def _init_pruned(self, ladders: list[int], heads: int) -> None:
-        """Side block i starts as the pruned copy of the backbone block that produced ladder i;
-        the down/up projections start as the selection of the kept residual dimensions."""
+    def store_arrays(self) -> list[str]:
+        """The arrays of the train store that :meth:`init_from_store` needs (none for a random
+        init). The caller reads them: a side network never opens a store."""
         cfg, info = self.cfg, self.info
-        if info.lst_prune != cfg.r or not info.path:
+        if cfg.init != "pruned":
+            return []
+        if info.lst_prune != cfg.r:
             raise StoreMismatchError(
                 f"lst:init=pruned needs a store cached with --lst-prune {cfg.r}; this store has "
                 f"{info.lst_prune!r}. Re-run stage one with --lst-prune {cfg.r}"
             )
-        if heads != info.num_heads or cfg.ff_mult != 4:
-            raise StoreMismatchError("lst:init=pruned keeps the backbone's heads and ff_mult=4")
-        store = open_store(info.path)
         prefix = f"lst_init/r{cfg.r}"
-        keep = torch.from_numpy(store.extra(f"{prefix}/hidden_index"))
+        names = [f"{prefix}/hidden_index"]
+        for layer in self.ladders:
+            for name in ("qkv", "proj", "ff1", "ff2"):
+                names += [f"{prefix}/block{layer}/{name}_{part}" for part in ("weight", "bias")]
+        return names
+
+    @torch.no_grad()
+    def init_from_store(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Side block i starts as the pruned copy of the backbone block that produced ladder i;
+        the down/up projections start as the selection of the kept residual dimensions. Called
+        once, when training starts from scratch (checkpoints restore the weights otherwise)."""
+        cfg, info = self.cfg, self.info
+        prefix = f"lst_init/r{cfg.r}"
+        keep = torch.from_numpy(arrays[f"{prefix}/hidden_index"])
         select = torch.zeros(len(keep), info.hidden_size)
         select[torch.arange(len(keep)), keep] = 1.0
         for lin in (self.down_in, *self.down):
@@ -131,13 +145,13 @@ class Lst(nn.Module):
             lin.bias.zero_()
         self.up.weight.copy_(select.T)
         self.up.bias.zero_()
-        for block, layer in zip(self.blocks, ladders, strict=True):
+        for block, layer in zip(self.blocks, self.ladders, strict=True):
             assert isinstance(block, SideBlock)
             pairs = [(block.qkv, "qkv"), (block.proj, "proj"), (block.ff[0], "ff1"),
                      (block.ff[2], "ff2")]  # fmt: skip
             for lin, name in pairs:
                 for part in ("weight", "bias"):
-                    data = store.extra(f"{prefix}/block{layer}/{name}_{part}")
+                    data = arrays[f"{prefix}/block{layer}/{name}_{part}"]
                     getattr(lin, part).copy_(torch.from_numpy(data))
 
     def forward(self, batch: SideBatch) -> torch.Tensor:

@@ -40,7 +40,7 @@ def cli(*args: str) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "pipeline.cli",
+        "stages.cli",
         "cache",
         "--device",
         "cpu",

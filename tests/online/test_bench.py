@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.bench import BenchConfig, plan_jobs, summarise, to_markdown
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.errors import ConfigError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.train import TrainConfig, run_train
 from storage import StoreError, open_store
 from tests.conftest import build_bert, small_cache

@@ -28,7 +28,7 @@ FLAGS = [
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "cache", *args]
+    return [sys.executable, "-m", "stages.cli", "cache", *args]
 
 
 def shards_done(out: Path) -> int:

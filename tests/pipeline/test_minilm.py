@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.verify import run_verify
 from storage import open_store
 

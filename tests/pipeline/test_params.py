@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cli import main as cli
+from stages.cli import main as cli
 from pipeline.params import ParamsError, glue_tasks, load_params, sidenet_specs
 from tests.conftest import write_glue_sst2
 

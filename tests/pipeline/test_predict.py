@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pipeline import metrics
-from pipeline.cli import main
+from stages.cli import main
 from pipeline.data import load_data
 from pipeline.errors import StoreMismatchError
 from pipeline.loader import StoreLoader
@@ -37,7 +37,7 @@ def run(model_dir, glue_dir, tmp_path_factory):
 def stage_two_outputs(root, name: str) -> np.ndarray:
     state = torch.load(root / "out" / name / "best.pt", weights_only=False)
     reader = open_store(root / "dev")
-    model = build(parse_spec(state["spec"]), StoreInfo.from_meta(reader.meta, str(root / "dev")))
+    model = build(parse_spec(state["spec"]), StoreInfo.from_meta(reader.meta))
     model.load_state_dict(state["state_dict"])
     model.eval()
     loader = StoreLoader(reader, state["eval_batch_size"], shuffle=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.backbone import load_backbone
-from pipeline.sidenets import StoreInfo, build, parse_spec
+from pipeline.sidenets import StoreInfo, build, init_from_store, parse_spec
 from pipeline.sidenets.lst import Lst
 from storage import StoreMismatchError, open_store
 from tests.conftest import _save, small_cache
@@ -45,16 +45,19 @@ def test_lst_starts_from_the_stored_pruned_blocks(wide_ff_bert, glue_dir, tmp_pa
     out = tmp_path / "s"
     small_cache(wide_ff_bert, f"glue:{glue_dir}", out, lst_prune=2)
     store = open_store(out)
-    info = StoreInfo.from_meta(store.meta, str(out))
+    info = StoreInfo.from_meta(store.meta)
     model = build(parse_spec("lst:r=2,init=pruned"), info)
     assert isinstance(model, Lst)
+    init_from_store(model, store.extra)
     for block, layer in zip(model.blocks, (1, 2), strict=True):
         want = store.extra(f"lst_init/r2/block{layer}/ff2_weight")
         assert torch.equal(block.ff[2].weight, torch.from_numpy(want))
     keep = store.extra("lst_init/r2/hidden_index")
     assert torch.equal(model.down_in.weight.argmax(1), torch.from_numpy(keep))
     with pytest.raises(StoreMismatchError, match="--lst-prune 4"):
-        build(parse_spec("lst:r=4,init=pruned"), info)
-    plain = StoreInfo.from_meta(open_store(out).meta)  # no path: cannot read the extras
-    with pytest.raises(StoreMismatchError):
-        build(parse_spec("lst:r=2,init=pruned"), plain)
+        init_from_store(build(parse_spec("lst:r=4,init=pruned"), info), store.extra)
+    # the caller reads the arrays: without a store to read them from, a pruned init is refused
+    with pytest.raises(StoreMismatchError, match="train it from a store"):
+        init_from_store(build(parse_spec("lst:r=2,init=pruned"), info), None)
+    # building alone (evaluate, predict: a checkpoint supplies the weights) needs no store
+    build(parse_spec("lst:r=2,init=pruned"), info)

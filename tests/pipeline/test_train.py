@@ -16,17 +16,10 @@ from pipeline.backbone import load_backbone
 from pipeline.data import load_data
 from pipeline.extract import forward_rows, make_batch
 from pipeline.loader import StoreLoader
+from pipeline.optim import AdamW, WarmupDecay, schedule
 from pipeline.sidenets import SideBatch, StoreInfo, loss_fn, parse_spec
 from pipeline.tokens import tokenize
-from pipeline.train import (
-    AdamW,
-    TrainConfig,
-    WarmupDecay,
-    make_member,
-    run_train,
-    schedule,
-    train_step,
-)
+from pipeline.train import TrainConfig, make_member, run_train, train_step
 from storage import open_store
 from tests.conftest import small_cache
 
@@ -69,7 +62,7 @@ def test_cached_training_equals_online_training(spec, stores):
             for m, b in ((cached, batch), (online, live)):
                 with torch.no_grad():
                     m.model.train()
-                    torch.set_rng_state(m.rng)
+                    torch.set_rng_state(m.rng[0])
                     losses[m.name].append(float(loss_fn(info, m.model(b), b.labels)))
                 train_step(m, b, info)
     c, o = np.array(losses["c"]), np.array(losses["o"])
@@ -169,7 +162,7 @@ def test_micro_batches_give_the_whole_batch_gradients(spec, stores):
     after several steps: AdamW turns the round-off in a gradient that is zero in exact arithmetic,
     like a key bias under softmax, into a full-size step.)"""
     reader = open_store(stores["train-all"])
-    info = StoreInfo.from_meta(reader.meta, reader.path)
+    info = StoreInfo.from_meta(reader.meta)
     cfg = TrainConfig(train="", eval="", specs=[], epochs=1, out="/unused")
     whole = make_member("w", parse_spec(spec), info, 100, cfg, torch.device("cpu"))
     micro = make_member("m", parse_spec(spec), info, 100, dataclasses.replace(cfg, micro_rows=40),
@@ -272,7 +265,7 @@ def test_lean_adamw_is_bit_identical_to_torch_adamw():
 
 def test_stage_two_never_imports_transformers(stores, tmp_path):
     code = (
-        "import sys\nfrom pipeline.cli import main\n"
+        "import sys\nfrom stages.cli import main\n"
         f"rc = main(['train', '--train', {stores['train-first']!r},"
         f" '--eval', {stores['dev-first']!r},"
         f" '--sidenet', 'read:pool=first', '--sidenet', 'linear:pool=first', '--epochs', '1',"

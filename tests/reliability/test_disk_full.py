@@ -19,7 +19,7 @@ import pytest
 import zarr.storage._local as zarr_local
 
 import storage.shardfile
-from pipeline.cli import main
+from stages.cli import main
 from tests.conftest import small_cache
 from tests.pipeline.test_cache import assert_same_store
 

@@ -149,7 +149,7 @@ def test_every_corruption_is_detected_by_verify_and_by_the_loader(
 
 
 def test_verify_cli_reports_a_flipped_byte(pristine: Path, tmp_path: Path, caplog) -> None:
-    from pipeline.cli import main
+    from stages.cli import main
 
     store = tmp_path / "store"
     shutil.copytree(pristine, store)
