@@ -75,9 +75,10 @@ import zarr
 import pipeline.cache as cache_mod
 import pipeline.extract as extract_mod
 from pipeline.backbone import Backbone, hidden_states, load_backbone, parse_layers
-from pipeline.cache import CacheConfig, build_layout, plan_settings, run_cache
+from pipeline.cache import CacheConfig, run_cache
 from pipeline.data import TextData, head, load_data
 from pipeline.extract import in_streams, make_batch
+from pipeline.storeplan import build_layout, plan_settings
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction, plan_batches, tokenize
 from storage import open_store, parse_codec
 from storage.writer import StoreWriter

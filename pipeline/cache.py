@@ -8,59 +8,39 @@ device, gather, cast) -> :class:`storage.StoreWriter` (compress and write on wor
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import os
-import shlex
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from pipeline.backbone import (
-    Backbone,
-    cpu_numerics,
-    load_backbone,
-    parse_layers,
-    thread_invariant,
-)
-from pipeline.data import ColumnOptions, TextData, describe, head, load_data
+from pipeline.backbone import Backbone, cpu_numerics, load_backbone, parse_layers, thread_invariant
+from pipeline.cache_errors import check_writable, free_bytes, resume_hint, write_failure
+from pipeline.data import ColumnOptions, head, load_data
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_rows, in_streams, make_batch
 from pipeline.prune import lst_prune
-from pipeline.shards import (
-    aligned_window_rows,
-    n_windows,
-    owned_shards,
-    parse_shard,
-    window_shards,
+from pipeline.shards import n_windows, owned_shards, parse_shard, window_shards
+from pipeline.storeplan import (
+    announce,
+    build_layout,
+    identity,
+    plan_settings,
+    row_offsets,
+    shard_bytes_estimate,
 )
-from pipeline.tokens import (
-    BATCH_COST,
-    PlanSettings,
-    Tokenized,
-    padding_fraction,
-    plan_batches,
-    tokenize,
-)
+from pipeline.tokens import BATCH_COST, Tokenized, plan_batches, tokenize
 from storage import (
     WHOLE,
     BatchRows,
-    DiskFullError,
     Layout,
     SidecacheError,
     StoreExistsError,
-    StoreWriteError,
     claim,
     create_store,
     finalize_store,
-    itemsize,
-    locate,
     meta_lock,
     open_store,
     parse_codec,
@@ -70,7 +50,6 @@ from storage import (
 )
 
 log = logging.getLogger(__name__)
-EXPECTED_RATIO = {"float32": 1.1, "float16": 1.1, "bfloat16": 1.35, "int8": 1.2}
 # finished batches the streams may hold ahead of the writer, as a share of a sort window's rows.
 # A window's shards all fill with its last batch, so the writer then compresses a whole window
 # at once and the main thread waits for its buffers; with work queued the streams keep both
@@ -119,70 +98,6 @@ class CacheConfig:
     progress: bool = True
     shard: str | None = None  # "I/N": write only worker I's shards of N (pipeline.shards)
     finalize: bool = False  # only finalise a store whose shards are all written
-
-
-def chunk_rows_for(row_bytes: int, chunk_mb: float) -> int:
-    """Largest power of two of rows that fits ``chunk_mb`` (at least 256 rows)."""
-    rows = max(256, int(chunk_mb * (1 << 20)) // max(1, row_bytes))
-    return 1 << (rows.bit_length() - 1)
-
-
-def build_layout(
-    cfg: CacheConfig, tok: Tokenized, bb: Backbone, layers: list[int], labels: np.ndarray
-) -> Layout:
-    rows_per = tok.lengths if cfg.positions == "all" else np.ones(len(tok.lengths), np.int64)
-    chunk = chunk_rows_for(bb.hidden_size * itemsize(cfg.dtype), cfg.chunk_mb)
-    return Layout(
-        n_samples=len(tok.lengths),
-        n_tokens=int(tok.offsets[-1]),
-        n_rows=int(rows_per.sum()),
-        layers=layers,
-        hidden_size=bb.hidden_size,
-        positions=cfg.positions,
-        dtype=cfg.dtype,
-        codec=parse_codec(cfg.codec),
-        chunk_rows=chunk,
-        shard_rows=chunk * cfg.shard_chunks,
-        has_token_type_ids=tok.type_ids is not None,
-        label_dtype="float32" if labels.dtype.kind == "f" else "int64",
-    )
-
-
-def plan_settings(
-    cfg: CacheConfig, bb: Backbone, n_layers: int, shard_rows: int | None = None
-) -> PlanSettings:
-    """Windows of ``--window-mb``; given ``shard_rows``, rounded down to whole shards and
-    aligned to them (what stage one uses, so ``--shard I/N`` workers can split the plan)."""
-    row_bytes = bb.hidden_size * itemsize(cfg.dtype) * n_layers
-    window_rows = max(1, int(cfg.window_mb * (1 << 20)) // row_bytes)
-    if shard_rows is None:
-        return PlanSettings(cfg.token_budget, cfg.max_batch, int(window_rows),
-                            batch_cost=cfg.batch_cost)  # fmt: skip
-    rows = aligned_window_rows(int(window_rows), shard_rows)
-    return PlanSettings(cfg.token_budget, cfg.max_batch, rows, aligned=True,
-                        batch_cost=cfg.batch_cost)  # fmt: skip
-
-
-def identity(
-    cfg: CacheConfig, bb: Backbone, data: TextData, plan: PlanSettings, max_length: int
-) -> dict[str, Any]:
-    return {
-        "backbone": bb.identity,
-        "tokenizer": dict(bb.tokenizer_identity, max_length=max_length),
-        "dataset": describe(data),
-        "extraction": {
-            "token_budget": plan.token_budget,
-            "max_batch": plan.max_batch,
-            "batch_cost": plan.batch_cost,
-            "window_rows": plan.window_rows,
-            "windows": "aligned" if plan.aligned else "chained",
-            "device": bb.device.type,
-            "autocast": "bfloat16" if bb.device.type == "cuda" else None,
-            "torch": torch.__version__.split("+")[0],
-            "numerics": cpu_numerics() if bb.device.type == "cpu" else None,
-            "lst_prune": cfg.lst_prune,
-        },
-    }
 
 
 def validate(cfg: CacheConfig) -> None:
@@ -247,8 +162,8 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
     tok = tokenize(bb.tokenizer, data, max_length, bb.takes_token_type_ids)
     layout = build_layout(cfg, tok, bb, layers, data.labels)
     plan = plan_settings(cfg, bb, len(layers), layout.shard_rows)
-    batches = plan_batches(tok.lengths, np.diff(_row_offsets(tok, cfg.positions)), plan)
-    _announce(cfg, layout, tok, batches)
+    batches = plan_batches(tok.lengths, np.diff(row_offsets(tok, cfg.positions)), plan)
+    announce(cfg, layout, tok, batches)
     owned = owned_shards(layout, plan.window_rows, shard)
     if shard is not None:
         windows = n_windows(layout, plan.window_rows)
@@ -258,7 +173,7 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
             log.warning("only %d windows for %d workers: some have nothing to do; lower "
                         "--window-mb to split the work finer", windows, shard[1])  # fmt: skip
     arrays = {
-        "offsets": _row_offsets(tok, cfg.positions),
+        "offsets": row_offsets(tok, cfg.positions),
         "token_offsets": tok.offsets,
         "token_ids": tok.ids,
         "labels": data.labels,
@@ -296,16 +211,8 @@ def _write(
     most one sort window's shard buffers while shards are being written (``buffers``)."""
     with meta_lock(cfg.out):  # shard workers starting together: one creates, the rest resume
         try:
-            writer = create_store(
-                cfg.out,
-                layout,
-                ident,
-                task,
-                arrays,
-                overwrite=cfg.overwrite,
-                threads=cfg.writer_threads,
-                buffers=window_shards,
-            )
+            writer = create_store(cfg.out, layout, ident, task, arrays, overwrite=cfg.overwrite,
+                                  threads=cfg.writer_threads, buffers=window_shards)  # fmt: skip
         except StoreExistsError as exc:
             raise resume_hint(exc, layout) from None
     if writer is None:
@@ -314,24 +221,7 @@ def _write(
     started = time.perf_counter()
     writer.own(owned)
     needed = writer.needed_samples()
-    done_before = int(writer.done.sum())
-    if done_before:
-        log.info("resuming: %d of %d shards already on disk", done_before, layout.n_shards)
-    need = (layout.n_shards - done_before) * shard_bytes_estimate(layout)
-    free = _free_bytes(cfg.out)
-    if free is not None and need > free:
-        log.warning(
-            "about %.1f MB is still to be written to %s but only %.1f MB is free there; stage one "
-            "stops with DiskFullError if the disk fills (free space, then re-run to resume)",
-            need / 1e6, cfg.out, free / 1e6,
-        )  # fmt: skip
-    bar = tqdm(
-        total=int(tok.lengths[needed].sum()),
-        unit="tok",
-        unit_scale=True,
-        desc="stage one",
-        disable=not cfg.progress,
-    )
+    _check_space(cfg.out, layout, int(writer.done.sum()))
     todo = [s for s in batches if needed[s].any()]  # the rest are in shards already on disk
 
     def rows_of(samples: np.ndarray) -> BatchRows:
@@ -343,6 +233,8 @@ def _write(
     streams = cfg.streams if bb.device.type == "cpu" else 1
     batch_rows = cfg.token_budget if cfg.positions == "all" else cfg.max_batch  # at most
     ahead = int(AHEAD_SHARE * window_shards * layout.shard_rows) // batch_rows  # at least 1
+    bar = tqdm(total=int(tok.lengths[needed].sum()), unit="tok", unit_scale=True,
+               desc="stage one", disable=not cfg.progress)  # fmt: skip
     try:
         with contextlib.closing(in_streams(rows_of, todo, streams, ahead)) as results:
             for rows in results:
@@ -355,154 +247,29 @@ def _write(
     finally:
         bar.close()
     log.info("stage one finished in %.1f s", time.perf_counter() - started)
-    if everything:  # the last shard worker to finish (or a whole run) finalises the store
-        with meta_lock(cfg.out):
-            finalize_store(cfg.out)
+    return _finish(cfg.out, everything, int((~writer.done).sum()))
+
+
+def _check_space(out: str, layout: Layout, done_before: int) -> None:
+    """Say what is resumed, and warn when the rest will not fit on the disk."""
+    if done_before:
+        log.info("resuming: %d of %d shards already on disk", done_before, layout.n_shards)
+    need = (layout.n_shards - done_before) * shard_bytes_estimate(layout)
+    free = free_bytes(out)
+    if free is not None and need > free:
+        log.warning(
+            "about %.1f MB is still to be written to %s but only %.1f MB is free there; stage one "
+            "stops with DiskFullError if the disk fills (free space, then re-run to resume)",
+            need / 1e6, out, free / 1e6,
+        )  # fmt: skip
+
+
+def _finish(out: str, everything: bool, others: int) -> dict[str, Any]:
+    """The last shard worker to finish (or a whole run) finalises the store."""
+    if everything:
+        with meta_lock(out):
+            finalize_store(out)
     else:
         log.info("this worker's shards are on disk; %d shards still belong to other workers (the "
-                 "last one to finish finalises the store)", int((~writer.done).sum()))  # fmt: skip
-    return open_store(cfg.out, allow_incomplete=True).summary()
-
-
-# the flags that fix the batch plan, by the key a store records each under (identity.extraction)
-PLAN_FLAGS = {
-    "token_budget": "--token-budget",
-    "max_batch": "--max-batch",
-    "batch_cost": "--batch-cost",
-    "window_rows": "--window-mb",
-}
-
-
-# a store's recorded CPU numerics, and the variables that reproduce them (torch's vector
-# instructions can be lowered, never raised, on a given CPU; MKL's mode is read at its first call)
-NUMERICS_ENV = {"cpu_capability": "ATEN_CPU_CAPABILITY", "mkl": "MKL_CBWR"}
-
-
-def resume_hint(exc: StoreExistsError, layout: Layout) -> StoreExistsError:
-    """``exc`` plus what resumes the existing store, when it differs from this run only in how
-    the batches are planned (as after a default changed between versions: the flags) or in the
-    CPU numerics it was begun with (another machine, another MKL mode: the environment)."""
-    plan = {f"identity.extraction.{name}" for name in PLAN_FLAGS}
-    numerics = {f"identity.extraction.numerics.{name}" for name in NUMERICS_ENV}
-    if not exc.differences or any(
-        key not in plan | numerics or (key in numerics and was is None)  # no MKL: no variable
-        for key, was, _ in exc.differences
-    ):
-        return exc
-    flags, env = [], []
-    for key, was, _ in exc.differences:
-        name = key.rpartition(".")[2]
-        if key in numerics:  # torch's variable takes lower case (avx2); MKL's default is unset
-            value = str(was).lower() if name == "cpu_capability" else was
-            value = "" if value == "OFF" else value
-            env.append(f"{NUMERICS_ENV[name]}={shlex.quote(str(value))}")
-        elif name == "window_rows":  # exactly this many rows again (whole shards already)
-            flags.append(f"--window-mb {int(was) * row_bytes(layout) / (1 << 20)!r}")
-        else:
-            flags.append(f"{PLAN_FLAGS[name]} {'fill' if was is None else was}")
-    how = []
-    if flags:
-        how.append(f"run the same command with {' '.join(flags)} (the settings it was written "
-                   "with)")  # fmt: skip
-    if env:
-        how.append(f"run it with {' '.join(env)} in the environment (the numerics it was begun "
-                   "with), on a CPU that has them")  # fmt: skip
-    return StoreExistsError(f"{exc}. To resume or reuse it instead, {'; and '.join(how)}",
-                            exc.differences)  # fmt: skip
-
-
-def row_bytes(layout: Layout) -> int:
-    """Raw bytes of one stored row across every stored layer (what ``--window-mb`` counts)."""
-    return layout.hidden_size * itemsize(layout.dtype) * len(layout.layers)
-
-
-def shard_bytes_estimate(layout: Layout) -> float:
-    """Expected bytes on disk of one full shard of every stored layer."""
-    return layout.shard_rows * row_bytes(layout) / EXPECTED_RATIO[layout.dtype]
-
-
-def _shards_on_disk(path: str, layout: Layout) -> int:
-    try:
-        arr: Any = open_store(path, allow_incomplete=True).group["progress"]
-        progress = np.asarray(arr[...])
-    except Exception:  # the store may not even have its metadata yet
-        return 0
-    return int(np.isfinite(progress).all(axis=(1, 2)).sum())
-
-
-def _free_bytes(path: str) -> int | None:
-    if locate(path).is_remote:
-        return None
-    for folder in (Path(path), *Path(path).absolute().parents):
-        if folder.exists():
-            return shutil.disk_usage(folder).free
-    return None
-
-
-def check_writable(path: str) -> None:
-    """Refuse a local ``--out`` whose nearest existing folder cannot be written (read-only file
-    system, no permission) before anything is claimed or computed."""
-    if "://" in path:
-        return
-    folder = next((f for f in (Path(path), *Path(path).absolute().parents) if f.exists()), None)
-    if folder is None or os.access(folder, os.W_OK):
-        return
-    code = errno.EROFS if os.statvfs(folder).f_flag & os.ST_RDONLY else errno.EACCES
-    raise StoreWriteError(
-        f"cannot write the store at {path}: {folder} is not writable ({os.strerror(code)}); "
-        "expected a writable folder: choose another --out or fix its permissions"
-    )
-
-
-def _size(n: float) -> str:
-    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
-
-
-def write_failure(exc: OSError, path: str, layout: Layout) -> StoreWriteError:
-    """Turn an ``OSError`` raised while writing the store into a named, actionable error."""
-    done = _shards_on_disk(path, layout)
-    todo = layout.n_shards - done
-    free = _free_bytes(path)
-    free_text = "unknown" if free is None else _size(free)
-    kept = f"the {done} of {layout.n_shards} shards already on disk are kept and the store stays "
-    kept += "incomplete; re-run the same command to resume"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        need = todo * shard_bytes_estimate(layout)
-        return DiskFullError(
-            f"the disk holding {path} is full ({exc.strerror}, writing {exc.filename or path}): "
-            f"about {_size(need)} was still to be written ({todo} shards) and {free_text} "
-            f"is free. Free at least that much space (or choose another --out); {kept}"
-        )
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return StoreWriteError(
-            f"cannot write the store at {path}: {exc.strerror} ({exc.filename or path}); expected "
-            f"a writable folder: choose another --out or fix its permissions; {kept}"
-        )
-    return StoreWriteError(f"writing the store at {path} failed: {exc}; {kept}")
-
-
-def _row_offsets(tok: Tokenized, positions: str) -> np.ndarray:
-    if positions == "all":
-        return tok.offsets
-    return np.arange(len(tok.lengths) + 1, dtype=np.int64)
-
-
-def _announce(cfg: CacheConfig, layout: Layout, tok: Tokenized, batches: list[np.ndarray]) -> None:
-    raw = layout.n_rows * row_bytes(layout)
-    est = raw / EXPECTED_RATIO[layout.dtype]
-    log.info(
-        "planned: %d samples, %d tokens, %d batches (%.1f%% padding), layers %s, positions %s, "
-        "dtype %s -> %d rows x %d; raw %.1f MB, about %.1f MB on disk at %s",
-        layout.n_samples,
-        layout.n_tokens,
-        len(batches),
-        100 * padding_fraction(batches, tok.lengths),
-        layout.layers,
-        layout.positions,
-        layout.dtype,
-        layout.n_rows,
-        layout.hidden_size,
-        raw / 1e6,
-        est / 1e6,
-        cfg.out,
-    )
+                 "last one to finish finalises the store)", others)  # fmt: skip
+    return open_store(out, allow_incomplete=True).summary()
