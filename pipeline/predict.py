@@ -118,7 +118,7 @@ def load_predictor(run: str | Path, device: str = "auto", backbone: str | None =
     check_identity(state, bb)
     info = StoreInfo(**{**state["store_info"], "layers": tuple(state["store_info"]["layers"])})
     spec = parse_spec(state["spec"])
-    sidenet = build(spec, info)  # LST's pruned init is overwritten by the weights right after
+    sidenet = build(spec, info)  # the weights come from the checkpoint
     sidenet.load_state_dict(state["state_dict"])
     ex = ident["extraction"]
     plan = PlanSettings.from_extraction(ex)
