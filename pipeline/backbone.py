@@ -164,6 +164,27 @@ def cpu_numerics() -> dict[str, Any]:
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "mkl": mkl_mode()}
 
 
+def gpu_numerics(device: torch.device) -> dict[str, Any]:
+    """What decides the last bits of a CUDA forward pass beyond the model and its inputs: the GPU
+    model, its compute capability, the CUDA and cuDNN versions torch runs with (cuBLAS comes
+    with CUDA), torch's version and whether float32 matrix products may use TF32. Stage one runs
+    under bfloat16 autocast on CUDA (recorded as ``extraction.autocast``)."""
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "gpu": props.name,
+        "capability": f"{props.major}.{props.minor}",
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "torch": torch.__version__.split("+")[0],
+        "tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+    }
+
+
+def device_numerics(device: torch.device) -> dict[str, Any]:
+    """:func:`cpu_numerics` or :func:`gpu_numerics`, by the device's type."""
+    return gpu_numerics(device) if device.type == "cuda" else cpu_numerics()
+
+
 def thread_invariant(numerics: dict[str, Any]) -> bool:
     """Whether results recorded with ``numerics`` are independent of torch's thread count."""
     mode = numerics.get("mkl")

@@ -106,7 +106,8 @@ def check_finite(stats: torch.Tensor, layer: int, batch: DeviceBatch, positions:
     if not bool(bad.any()):
         return
     row = int(torch.nonzero(bad)[0])
-    rows_per = batch.lengths if positions == "all" else torch.ones_like(batch.lengths)
+    lengths = batch.lengths.cpu()  # the search runs on the host, whatever the device
+    rows_per = lengths if positions == "all" else torch.ones_like(lengths)
     owner = int(torch.searchsorted(torch.cumsum(rows_per, 0), torch.tensor(row + 1)))
     raise NonFiniteError(
         f"the backbone produced NaN/inf at layer {layer} for sample {int(batch.samples[owner])}; "

@@ -63,13 +63,14 @@ class StoreLoader:
         shuffle_blocks: int = 16,
         pool_bytes: int = 512 << 20,
         prefetch: int = 4,  # batches collated ahead of the one in use
+        pin_memory: bool = False,  # collate into page-locked memory (for async copies to a GPU)
     ):
         self.reader, self.batch_size, self.shuffle, self.seed = reader, batch_size, shuffle, seed
         lay = reader.layout
         self.layers = list(reader.layout.layers)
         self.offsets = reader.offsets
         self.labels = reader.labels
-        self.prefetch = prefetch
+        self.prefetch, self.pin_memory = prefetch, pin_memory
         # blocks follow the token axis (= the row axis of an ``all`` store), so a single-position
         # store of the same data gets the same blocks and hence the same batches
         starts = reader.token_offsets[:-1] // lay.chunk_rows
@@ -312,12 +313,14 @@ class StoreLoader:
             self.reader.layout.dtype,
             None if scales is None else scales.reshape(r * n_layers),
         ).reshape(r, n_layers, d)
-        return SideBatch(
+        batch = SideBatch(
             hidden=torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)),
             lengths=torch.tensor([len(s.rows) for s in items], dtype=torch.int64),
             labels=torch.from_numpy(self.labels[samples]),
             samples=torch.from_numpy(samples),
         )
+        # on the loader's thread, so the training loop's copy to the GPU does not wait for it
+        return batch.pinned() if self.pin_memory else batch
 
 
 def _copy_into(dest: Rows, at: int, src: Rows, a: int, n: int) -> int:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.backbone import Backbone, cpu_numerics
+from pipeline.backbone import Backbone, device_numerics
 from pipeline.data import TextData, describe
 from pipeline.shards import aligned_window_rows
 from pipeline.tokens import PlanSettings, Tokenized, padding_fraction
@@ -80,7 +80,7 @@ def identity(
             "device": bb.device.type,
             "autocast": "bfloat16" if bb.device.type == "cuda" else None,
             "torch": torch.__version__.split("+")[0],
-            "numerics": cpu_numerics() if bb.device.type == "cpu" else None,
+            "numerics": device_numerics(bb.device),
             "lst_prune": cfg.lst_prune,
         },
     }

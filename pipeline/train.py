@@ -273,10 +273,11 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         torch.set_num_threads(cpu_threads(cfg.threads))
     if cfg.low_memory and not lean_malloc():
         log.warning("--low-memory: cannot set the allocator's mmap threshold (not glibc)")
-    memory = {
+    memory: dict[str, Any] = {
         "ram_budget": cfg.ram_budget_mb << 20,
         "pool_bytes": cfg.pool_mb << 20,
         "prefetch": 1 if cfg.low_memory else 4,
+        "pin_memory": device.type == "cuda",
     }
     loader = StoreLoader(train_reader, cfg.batch_size, shuffle=True, seed=cfg.seed, **memory)
     eval_batch = eval_batch_size(cfg, train_reader, eval_reader)

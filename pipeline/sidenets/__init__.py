@@ -110,7 +110,7 @@ def init_from_store(net: nn.Module, read: Callable[[str], np.ndarray] | None) ->
     (``StoreReader.extra``); ``None`` when there is no store, which such a network refuses.
     Side networks name the arrays (``store_arrays()``) and never open a store themselves;
     checkpoints restore these weights, so evaluate and predict never call this."""
-    inner = net.net if isinstance(net, Autocast) else net
+    inner: Any = net.net if isinstance(net, Autocast) else net
     names: list[str] = inner.store_arrays() if hasattr(inner, "store_arrays") else []
     if not names:
         return

@@ -72,16 +72,18 @@ class SideBatch:
     samples: torch.Tensor  # (B,) int64 sample indices in the store
 
     def to(self, device: torch.device) -> SideBatch:
+        """On ``device``; the copies run asynchronously when this batch is :meth:`pinned`."""
         return SideBatch(*(t.to(device, non_blocking=True) for t in
+                           (self.hidden, self.lengths, self.labels, self.samples)))  # fmt: skip
+
+    def pinned(self) -> SideBatch:
+        """A copy in page-locked host memory (what makes :meth:`to` a GPU asynchronous)."""
+        return SideBatch(*(t.pin_memory() for t in
                            (self.hidden, self.lengths, self.labels, self.samples)))  # fmt: skip
 
     @property
     def starts(self) -> torch.Tensor:  # (B,) first row of each sample
         return torch.cumsum(self.lengths, 0) - self.lengths
-
-    def row_sample(self) -> torch.Tensor:  # (R,) which sample each row belongs to
-        return torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device),
-                                       self.lengths)  # fmt: skip
 
     def split(self, max_rows: int) -> list[SideBatch]:
         """Consecutive groups of whole samples of at most ``max_rows`` rows each (a longer sample
@@ -123,8 +125,9 @@ def pool_rows(batch: SideBatch, rows: torch.Tensor, pool: str, info: StoreInfo) 
     """``(R, D)`` -> ``(B, D)``: rows already selected by :func:`select_rows` or a masked mean."""
     if info.positions != "all" or pool != "mean":
         return rows
-    out = rows.new_zeros((len(batch.lengths), rows.shape[-1]))
-    out.index_add_(0, batch.row_sample(), rows)
+    # a segmented sum: deterministic on CUDA (``index_add_`` is not), and on CPU bit for bit the
+    # row-by-row sum in float32 (in 16-bit dtypes it accumulates in float32, then rounds once)
+    out = torch.segment_reduce(rows, "sum", lengths=batch.lengths, axis=0)  # (B, D)
     return out / batch.lengths.to(rows.dtype)[:, None]
 
 
