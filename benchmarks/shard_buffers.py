@@ -1,11 +1,12 @@
 """The writer's shard buffers: ``np.empty`` (huge pages) vs :func:`storage.writer.small_pages`.
 
-Stage one holds one sort window of shard buffers (512 MB by default, 1 GB until session 11,
-still this script's default) and fills them in :meth:`storage.StoreWriter.put`: each batch's
-rows, in store order, assigned by index into every shard of the window (a length-sorted
-window's batch has samples all over it). This script feeds the real writer one window's worth
-of such batches, its buffers allocated either way, each pass in a fresh subprocess (fresh
-memory, as in a real run), the arms alternating A B B A ... in one run.
+Stage one holds one sort window of shard buffers (512 MB by default; this script's
+``--window-mb`` defaults to 1 GB, the window of its table in BENCHMARKS.md) and fills them in
+:meth:`storage.StoreWriter.put`: each batch's rows, in store order, assigned by index into every
+shard of the window (a length-sorted window's batch has samples all over it). This script feeds
+the real writer one window's worth of such batches, its buffers allocated either way, each pass
+in a fresh subprocess (fresh memory, as in a real run), the arms alternating A B B A ... in one
+run.
 
     .venv/bin/python -m benchmarks.shard_buffers [--repeats 3] [--window-mb 1024]
 

@@ -25,8 +25,8 @@ A stage-one pass right after a forward-only pass is ~1.5 s slower on 20k sentenc
 right after another stage pass (likely: its shard buffers come from fresh memory, as the last
 stage pass's has been handed back to the VM's host meanwhile): compare stage-type arms by
 passes that follow the same kind of pass, or pass ``--fwd-between``, which runs a ``fwd`` pass
-before every pass of another arm. Session 8's ``buffered`` arm shows no gain from
-``O_DIRECT`` even so (20k: ``stage`` 25.01 s after ``buffered``, ``buffered`` 24.80 and 24.96 s;
+before every pass of another arm. The ``buffered`` arm has shown no gain from ``O_DIRECT``
+even so (20k: ``stage`` 25.01 s after ``buffered``, ``buffered`` 24.80 and 24.96 s;
 ``stage`` took 25.82 s after ``fwd``); each pass there deletes the last pass's store first, and
 the freed page cache may make buffered writes cheap, a guess not checked.
 

@@ -11,7 +11,8 @@ import os
 # on an AVX-512 AMD EPYC, 18 of 117 small (M x K) @ (K x K) shapes gave different last bits at
 # one and at two threads, so a store written by two streams of one thread each did not match a
 # two-thread recomputation. Strict conditional numerical reproducibility makes MKL's results
-# independent of the thread count (no cost seen on full-length runs: BENCHMARKS.md, session 12).
+# independent of the thread count (no cost seen on full-length runs:
+# `python -m benchmarks.mkl_strict`).
 # MKL reads the setting at its first computation, not when torch is imported, so setting it here
 # covers every entry point (the CLI, stages, benchmarks and tests import pipeline before torch
 # computes); a value the user set is kept, and every store records the mode it was written with

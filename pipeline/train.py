@@ -166,7 +166,7 @@ def eval_batch_size(cfg: TrainConfig, train: StoreReader | None = None,
     sentences are twice as long as its training sentences: 17 per batch instead of 32). With 64,
     then 32 per batch, evaluating READ set the peak. 10 epochs on MiniLM SST-2 10k, MB above idle:
     181 with 64 and 122 with 32 (4 MB chunks, 32 MB pool); 108 with 32 and 99.5 sized by rows
-    (1 MB chunks, 4 MB pool). BENCHMARKS.md, sessions 5 and 6."""
+    (1 MB chunks, 4 MB pool); `python -m benchmarks.read_memory`, BENCHMARKS.md."""
     if not cfg.low_memory:
         return max(cfg.batch_size, 64)
     if train is None or evaluation is None:

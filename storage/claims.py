@@ -136,6 +136,26 @@ def acquire(store: str | Location, slot: str) -> Location:
     return folder
 
 
+def others_alive(store: str | Location) -> list[str]:
+    """Slots of the claims on ``store`` held by other processes that may still be running.
+
+    This process's own claims and those of processes certainly gone (same host, no such pid)
+    are left out; a claim that cannot be read (being written, or torn) counts as alive. The
+    writer removes a killed writer's temporary files only when this is empty.
+    """
+    folder = locate(store).sibling(SUFFIX)
+    me = (os.getpid(), socket.gethostname())
+    busy = []
+    for slot in folder.list_files():
+        info = _read(folder, slot)
+        if info is None or (info and (info.get("pid"), info.get("host")) == me):
+            continue
+        if info and not _alive(info):
+            continue
+        busy.append(slot)
+    return busy
+
+
 def release(folder: Location, slot: str) -> None:
     folder.delete_file(slot)
     folder.remove_if_empty()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -9,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.metadata.v3 import ArrayV3Metadata
 
 from storage.codecs import decode_rows, itemsize
 from storage.errors import (
@@ -18,7 +21,15 @@ from storage.errors import (
     StoreNotFoundError,
 )
 from storage.location import locate
-from storage.schema import Layout, check_metadata, lookup
+from storage.schema import (
+    ALWAYS_WRITTEN,
+    Layout,
+    canonical_sha256,
+    check_metadata,
+    every_chunk_written,
+    lookup,
+    recorded_hashes,
+)
 from storage.shardfile import ShardFile, ShardFileError
 
 
@@ -28,13 +39,15 @@ def open_store(
     expect: dict[str, Any] | None = None,
     layers: list[int] | None = None,
     allow_incomplete: bool = False,
+    check_files: bool = True,
 ) -> StoreReader:
     """Open the store at ``path``.
 
     ``expect`` maps dotted metadata keys (``layout.hidden_size``, ``layout.positions``,
     ``identity.backbone.weights_hash`` ...) to required values; ``layers`` must all be stored.
     Raises :class:`StoreNotFoundError`, :class:`StoreIncompleteError` or
-    :class:`StoreMismatchError` naming the first problem found.
+    :class:`StoreMismatchError` naming the first problem found, and :class:`StoreCorruptError`
+    when ``check_files`` finds a complete store damaged (:meth:`StoreReader.check_files`).
     """
     loc = locate(path)
     where = str(loc)
@@ -52,6 +65,8 @@ def open_store(
         )
     reader = StoreReader(where, group, meta)
     reader.check(expect or {}, layers)
+    if check_files:
+        reader.check_files()
     return reader
 
 
@@ -83,6 +98,65 @@ class StoreReader:
                 f"{self.path}: layers {missing} are needed but the store holds layers "
                 f"{self.layout.layers}; re-run stage one with --layers including them"
             )
+
+    def check_files(self) -> None:
+        """The cheap checks of a complete local store that :func:`open_store` runs (about a
+        millisecond): every array's ``zarr.json`` still has the sha256 recorded at finalisation,
+        and every chunk file of the small unsharded arrays that readers load whole (offsets,
+        token ids, labels, segment ids, extras) is on disk; shard files are checked as they are
+        read, ``progress`` (not read once the store is complete) by ``verify``. Raises
+        :class:`StoreCorruptError` naming each array and file. A store without recorded hashes
+        (written before they existed) is not checked here."""
+        local = locate(self.path).local
+        recorded = recorded_hashes(self.meta)
+        if not self.complete or local is None or recorded is None:
+            return
+        changed: list[str] = []
+        missing: dict[str, list[str]] = {}
+        for name, want in recorded.items():
+            doc = _parse(_read_bytes(f"{local}/{name}/zarr.json"))
+            problem = _metadata_problem(name, want, doc)
+            if problem is not None or not isinstance(doc, dict):
+                changed += [problem] if problem else []
+                continue
+            if name == "progress" or not self.every_chunk_expected(name) or _is_sharded(doc):
+                continue
+            files = absent_chunk_files(local, name, ArrayV3Metadata.from_dict(doc))
+            if files:
+                missing[name] = files
+        if changed:
+            raise _metadata_error(self.path, changed)
+        if missing:
+            raise _missing_error(self.path, missing)
+
+    def metadata_problems(self) -> list[str] | None:
+        """Every array whose ``zarr.json`` differs from (or is missing against) the sha256
+        recorded at finalisation, and every array not recorded then (added later); ``None``
+        when the store has no recorded hashes (written before they existed)."""
+        recorded = recorded_hashes(self.meta)
+        if recorded is None:
+            return None
+        loc = locate(self.path)
+        problems = []
+        for name, want in recorded.items():
+            problem = _metadata_problem(name, want, _parse(loc.read_file(f"{name}/zarr.json")))
+            problems += [problem] if problem else []
+        try:
+            found = [name for name, node in self.group.members(max_depth=None)
+                     if isinstance(node, zarr.Array)]  # fmt: skip
+        except (ValueError, TypeError, KeyError) as exc:  # metadata zarr cannot parse
+            return [*problems, f"the store's arrays cannot be listed ({exc})"]
+        problems += [
+            f"array {name!r} was not in the store when it was finalised (added later)"
+            for name in sorted(set(found) - set(recorded))
+        ]
+        return problems
+
+    def every_chunk_expected(self, name: str) -> bool:
+        """Whether every chunk of array ``name`` is a file on disk, so a missing file is damage
+        (every array of a store written with ``integrity.all_chunks_written``; otherwise only
+        the arrays that never hold an all-zero chunk, :data:`storage.schema.ALWAYS_WRITTEN`)."""
+        return every_chunk_written(self.meta) or name.startswith(ALWAYS_WRITTEN)
 
     # -- metadata --------------------------------------------------------------------------
     @property
@@ -216,13 +290,11 @@ class StoreReader:
         except (ValueError, RuntimeError, OSError) as exc:
             bad = _bad_chunks(arr, name, selection) or ["(could not narrow it down to one chunk)"]
             raise _damaged(self.path, name, bad, f"checksum or codec failure: {exc}") from exc
-        missing = _missing_files(self.path, name, arr, selection) if self.complete else []
+        missing = []
+        if self.complete and self.every_chunk_expected(name):
+            missing = _missing_files(self.path, name, arr, selection)
         if missing:
-            raise StoreCorruptError(
-                f"{self.path}: array {name!r} is missing chunk file(s) {', '.join(missing[:8])} "
-                "(they would read as zeros); expected every shard of a complete store on disk: "
-                "re-create the store with 'sidecache cache ... --overwrite'"
-            )
+            raise _missing_error(self.path, {name: missing})
         return out
 
     # -- summary ---------------------------------------------------------------------------
@@ -260,10 +332,90 @@ class StoreReader:
 
 # -- naming damaged chunks ------------------------------------------------------------------
 # Every array is chunked along its first axis only; hidden/scales arrays group chunks in shards.
-# Every chunk of these is on disk in a complete store (hidden/scales are written with
-# write_empty_chunks; the others never hold an all-zero chunk). ``labels``, ``token_type_ids``
-# and ``lst_init/...`` may legitimately lack files (zarr skips chunks equal to the fill value).
-ALWAYS_WRITTEN = ("hidden/", "scales/", "progress", "offsets", "token_offsets", "token_ids")
+# In a store written with ``integrity.all_chunks_written`` every chunk of every array is a file
+# (all arrays are written with write_empty_chunks); in an older one only the arrays that never
+# hold an all-zero chunk are (``labels``, ``token_type_ids`` and ``lst_init/...`` may lack
+# files there: zarr skipped chunks equal to the fill value).
+REDO = (
+    "restore the file(s) from a copy, or re-create the store with the same 'sidecache cache' "
+    "command plus --overwrite (resuming does not rewrite a complete store); 'sidecache verify' "
+    "lists every problem"
+)
+
+
+def _read_bytes(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _parse(raw: bytes | None) -> dict[str, Any] | str | None:
+    """A ``zarr.json`` parsed; ``None`` when absent, an error message when it is not JSON."""
+    if raw is None:
+        return None
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        return f"not valid JSON ({exc})"
+    return doc if isinstance(doc, dict) else "not a JSON object"
+
+
+def _metadata_problem(name: str, want: str, doc: dict[str, Any] | str | None) -> str | None:
+    """How array ``name``'s parsed ``zarr.json`` (see :func:`_parse`) differs from the
+    recorded sha256 ``want``, or ``None`` when it matches."""
+    if doc is None:
+        return f"array {name!r}: {name}/zarr.json is missing"
+    if isinstance(doc, str):
+        return f"array {name!r}: {name}/zarr.json is {doc}"
+    found = canonical_sha256(doc)
+    if found != want:
+        return (
+            f"array {name!r}: {name}/zarr.json has sha256 {found[:16]}..., recorded "
+            f"{want[:16]}... at finalisation"
+        )
+    return None
+
+
+def _metadata_error(path: str, problems: list[str]) -> StoreCorruptError:
+    return StoreCorruptError(
+        f"{path}: the metadata of {len(problems)} array(s) changed since the store was "
+        f"finalised: {'; '.join(problems[:8])}; the stored chunks may no longer mean what "
+        f"zarr.json says (shape, data type, fill value, codecs): {REDO}"
+    )
+
+
+def _missing_error(path: str, missing: dict[str, list[str]]) -> StoreCorruptError:
+    """The error for chunk files absent from a complete store (``array -> files``)."""
+    parts = [
+        f"array {name!r} is missing chunk file(s) {', '.join(files[:8])}"
+        + (f" and {len(files) - 8} more" if len(files) > 8 else "")
+        for name, files in missing.items()
+    ]
+    return StoreCorruptError(
+        f"{path}: {'; '.join(parts)} (zarr would read them as the fill value, zeros); expected "
+        f"every chunk file of a complete store on disk: {REDO}"
+    )
+
+
+def _is_sharded(doc: dict[str, Any]) -> bool:
+    codecs = doc.get("codecs") or [{}]
+    return isinstance(codecs[0], dict) and codecs[0].get("name") == "sharding_indexed"
+
+
+def absent_chunk_files(local: Path, name: str, meta: ArrayV3Metadata) -> list[str]:
+    """Chunk files (relative to the store) of an unsharded array that are absent or empty."""
+    grid = [-(-int(n) // int(c)) for n, c in zip(meta.shape, meta.chunks, strict=True)]
+    out = []
+    for coords in itertools.product(*(range(n) for n in grid)):
+        rel = f"{name}/{meta.encode_chunk_key(coords)}"
+        try:
+            if os.stat(f"{local}/{rel}").st_size == 0:
+                out.append(rel)
+        except FileNotFoundError:
+            out.append(rel)
+    return out
 
 
 def _damaged(path: str, name: str, bad: list[str], cause: str) -> StoreCorruptError:
@@ -311,9 +463,10 @@ def _bad_chunks(arr: Any, name: str, selection: Any) -> list[str]:
 
 
 def _missing_files(path: str, name: str, arr: Any, selection: Any) -> list[str]:
-    """Files of an always-written array that are absent or empty (zarr would serve fill values)."""
-    root = Path(path)
-    if not name.startswith(ALWAYS_WRITTEN) or not root.is_dir() or not arr.shape:
+    """Files of the selection of an array whose every chunk is written that are absent or empty
+    (zarr would serve fill values)."""
+    root = locate(path).local
+    if root is None or not root.is_dir() or not arr.shape:
         return []
     step = int(arr.shards[0] if arr.shards is not None else arr.chunks[0])
     rows = _row_range(arr, selection)

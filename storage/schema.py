@@ -17,10 +17,24 @@ A store is a Zarr v3 group::
 
 Rows are tokens when ``positions == "all"`` and samples otherwise (``first``, ``last``,
 ``mean``: one vector per sample and layer). Samples are always in dataset order.
+
+The metadata's optional ``integrity`` object guards what the chunks' crc32c cannot:
+
+* ``all_chunks_written`` (set when the arrays are created): every chunk of every array is a
+  file on disk, all-zero ones included, so a missing chunk file is damage, never a chunk that
+  reads as the fill value. Without it (stores written before the key existed) only the arrays
+  that never hold an all-zero chunk (:data:`ALWAYS_WRITTEN`) are checked for missing files.
+* ``metadata_sha256`` (set when the store is finalised): per array, the sha256 of its
+  ``zarr.json`` in canonical form (:func:`canonical_sha256`), so a changed shape, dtype, fill
+  value or codec is caught. Without it ``verify`` says the hashes are not recorded.
+
+Both keys are additions that older readers ignore, so the schema version stays 1.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +45,10 @@ SCHEMA_VERSION = 1
 FORMAT_NAME = "sidecache-store"
 POSITIONS = ("all", "first", "last", "mean")
 STAT_FIELDS = ("sum", "sumsq", "min", "max")
+INTEGRITY = "integrity"
+# arrays that never hold an all-zero chunk, so every chunk file is on disk even in a store
+# written before ``integrity.all_chunks_written`` existed
+ALWAYS_WRITTEN = ("hidden/", "scales/", "progress", "offsets", "token_offsets", "token_ids")
 
 
 def parse_positions(value: str) -> str:
@@ -126,6 +144,31 @@ def check_metadata(meta: Any, where: str) -> dict[str, Any]:
         if not isinstance(meta.get(key), dict):
             raise StoreSchemaError(f"{where}: metadata key {key!r} is missing or not an object")
     return meta
+
+
+def canonical_sha256(doc: bytes | dict[str, Any]) -> str:
+    """sha256 (hex) of a JSON document (its bytes, or already parsed) in canonical form (keys
+    sorted, no whitespace), so the same metadata hashes the same however it was indented.
+    Raises ``ValueError`` for bytes that are not JSON."""
+    parsed = json.loads(doc) if isinstance(doc, bytes) else doc
+    text = json.dumps(parsed, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def integrity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The metadata's ``integrity`` object (empty for a store written before it existed)."""
+    found = meta.get(INTEGRITY)
+    return found if isinstance(found, dict) else {}
+
+
+def every_chunk_written(meta: dict[str, Any]) -> bool:
+    return integrity(meta).get("all_chunks_written") is True
+
+
+def recorded_hashes(meta: dict[str, Any]) -> dict[str, str] | None:
+    """``array name -> sha256`` recorded at finalisation, or ``None`` when not recorded."""
+    found = integrity(meta).get("metadata_sha256")
+    return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else None
 
 
 def lookup(meta: dict[str, Any], dotted: str) -> Any:

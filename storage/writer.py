@@ -13,23 +13,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import mmap
+import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.array_spec import ArrayConfigParams
 
+from storage.claims import others_alive
 from storage.codecs import STORED_DTYPES, compressors_for
 from storage.errors import StoreExistsError, StoreIncompleteError, StoreSchemaError
 from storage.location import Location, locate
-from storage.schema import STAT_FIELDS, Layout, check_metadata, make_metadata
+from storage.schema import (
+    INTEGRITY,
+    STAT_FIELDS,
+    Layout,
+    canonical_sha256,
+    check_metadata,
+    make_metadata,
+)
 from storage.shardfile import ShardFile
 from storage.stats import merge_shard_stats, shard_stats
 
 log = logging.getLogger(__name__)
 SMALL_CHUNK = 1 << 20  # elements per chunk of the small 1-D arrays
+# every chunk becomes a file, all-zero ones too: a missing file is then always damage
+EVERY_CHUNK: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 @dataclass
@@ -121,6 +134,7 @@ def create_store(
             return None
         if existing.get("initialized"):
             log.info("resuming the incomplete store at %s", path)
+            remove_stale_files(target)
             return StoreWriter(path, layout, threads=threads, buffers=buffers)
         log.info("%s was interrupted while being created; starting it again", path)
         overwrite = True
@@ -149,7 +163,7 @@ def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[st
             compressors=compressors_for(layout.codec, zdtype),
             fill_value=0,
             dimension_names=["row", "channel"],
-            config={"write_empty_chunks": True},
+            config=EVERY_CHUNK,
         )
         if layout.dtype == "int8":
             group.create_array(
@@ -161,7 +175,7 @@ def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[st
                 compressors=compressors_for(layout.codec, "float32"),
                 fill_value=0,
                 dimension_names=["row"],
-                config={"write_empty_chunks": True},
+                config=EVERY_CHUNK,
             )
     group.create_array(
         "progress",
@@ -171,6 +185,7 @@ def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[st
         compressors=compressors_for(layout.codec, "float64"),
         fill_value=float("nan"),
         dimension_names=["shard", "layer", "stat"],
+        config=EVERY_CHUNK,
     )
     required = ["offsets", "token_offsets", "token_ids", "labels"]
     if layout.has_token_type_ids:
@@ -188,9 +203,11 @@ def _initialise(path: str, layout: Layout, meta: dict[str, Any], arrays: dict[st
             chunks=chunks,
             compressors=compressors_for(layout.codec, str(data.dtype)),
             fill_value=0,
+            config=EVERY_CHUNK,  # an all-zero chunk of labels or segment ids is a file too
         )
         small[...] = data
     meta = dict(meta, initialized=True)
+    meta[INTEGRITY] = {"all_chunks_written": True}
     group.attrs["sidecache"] = meta
 
 
@@ -264,13 +281,13 @@ class StoreWriter:
         if Layout.from_json(meta["layout"]) != layout:
             raise StoreSchemaError(f"{path}: layout on disk differs from the writer's layout")
         self.offsets = np.asarray(array(self.group, "offsets")[...], dtype=np.int64)
-        self._arrays = [array(self.group, f"hidden/{layer}") for layer in layout.layers]
+        self._arrays = [_every_chunk(self.group, f"hidden/{layer}") for layer in layout.layers]
         self._scales = (
-            [array(self.group, f"scales/{layer}") for layer in layout.layers]
+            [_every_chunk(self.group, f"scales/{layer}") for layer in layout.layers]
             if layout.dtype == "int8"
             else None
         )
-        self._progress = array(self.group, "progress")
+        self._progress = _every_chunk(self.group, "progress")
         local = locate(path).local
         # whole shards of the big arrays go straight to their files (see storage.shardfile);
         # zarr's own path for remote stores and any layout shardfile does not write
@@ -456,10 +473,70 @@ def finalize_store(path: str | Location) -> dict[str, Any]:
         )
     if meta.get("complete"):
         return meta
-    local = locate(path).local
-    if local is not None:  # temporary shard files of a killed writer (storage.shardfile)
-        for stale in local.glob("*/*/c/**/.*.tmp"):
-            stale.unlink(missing_ok=True)
+    # every shard is on disk, so no writer is still writing into the store: whatever temporary
+    # file is left belongs to a killed one, whoever holds a claim
+    remove_stale_files(path, force=True)
+    hashes = array_metadata_hashes(group, locate(path))
+    meta[INTEGRITY] = dict(meta.get(INTEGRITY) or {}, metadata_sha256=hashes)
     meta.update(stats=merge_shard_stats(progress, layout), complete=True)
     group.attrs["sidecache"] = meta
     return meta
+
+
+def _every_chunk(group: zarr.Group, name: str) -> Any:
+    """Array ``name`` writing every chunk, all-zero ones too (zarr's runtime config is not
+    stored with the array, so a reopened array needs it again)."""
+    return array(group, name).with_config(EVERY_CHUNK)
+
+
+def array_metadata_hashes(group: zarr.Group, loc: Location) -> dict[str, str]:
+    """``name -> sha256`` of every array's canonical ``zarr.json`` (:func:`canonical_sha256`)."""
+    out = {}
+    for name, node in group.members(max_depth=None):
+        if not isinstance(node, zarr.Array):
+            continue
+        raw = loc.read_file(f"{name}/zarr.json")
+        if raw is None:
+            raise StoreSchemaError(f"{loc}: array {name!r} has no zarr.json")
+        out[name] = canonical_sha256(raw)
+    return dict(sorted(out.items()))
+
+
+def is_stale_name(name: str) -> bool:
+    """A temporary file of an atomic write: zarr's ``NAME.HEX.partial``, sidecache's
+    ``.NAME.PID.THREAD.tmp`` (:mod:`storage.atomic`)."""
+    return name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def stale_files(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes anywhere under a local store's folder."""
+    found = []
+    for top, _, names in os.walk(folder):
+        found += [Path(top) / name for name in names if is_stale_name(name)]
+    return sorted(found)
+
+
+def remove_stale_files(path: str | Location, *, force: bool = False) -> list[str]:
+    """Delete the temporary files a killed writer left in a local store (paths relative to it).
+
+    A temporary file may also be one another live writer is filling right now, so unless
+    ``force`` they are removed only when no other process holds a claim on the store that may
+    still be alive (:func:`storage.claims.others_alive`); otherwise they are kept and logged.
+    """
+    loc = locate(path)
+    if loc.local is None or not loc.local.is_dir():
+        return []  # object stores write whole objects: no temporary files
+    found = stale_files(loc.local)
+    if not found:
+        return []
+    names = [p.relative_to(loc.local).as_posix() for p in found]
+    busy = [] if force else others_alive(loc)
+    if busy:
+        log.info("keeping %d temporary files in %s: other writers hold claims %s and may be "
+                 "writing them", len(names), loc, busy)  # fmt: skip
+        return []
+    for stale in found:
+        stale.unlink(missing_ok=True)
+    log.info("removed %d temporary files left by an interrupted writer in %s: %s", len(names),
+             loc, ", ".join(names[:5]) + (" ..." if len(names) > 5 else ""))  # fmt: skip
+    return names

