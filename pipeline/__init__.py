@@ -18,3 +18,8 @@ import os
 # computes); a value the user set is kept, and every store records the mode it was written with
 # (pipeline.backbone.cpu_numerics; stage one warns when MKL is not strict).
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+# cuBLAS may pick reduction splits by the workspace it has; with a fixed workspace its results
+# are reproducible run to run on one GPU (NVIDIA's documented setting for deterministic cuBLAS),
+# so a network trained alone equals itself inside a pass of K. Read when CUDA starts.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ from tqdm import tqdm
 
 from pipeline.backbone import Backbone, cpu_numerics, load_backbone, parse_layers, thread_invariant
 from pipeline.cache_errors import check_writable, free_bytes, resume_hint, write_failure
-from pipeline.data import ColumnOptions, head, load_data
+from pipeline.data import head, load_data
 from pipeline.errors import ConfigError
 from pipeline.extract import extract_rows, in_streams, make_batch
 from pipeline.prune import lst_prune
@@ -31,7 +30,8 @@ from pipeline.storeplan import (
     row_offsets,
     shard_bytes_estimate,
 )
-from pipeline.tokens import BATCH_COST, Tokenized, plan_batches, tokenize
+from pipeline.settings import CacheConfig
+from pipeline.tokens import Tokenized, plan_batches, tokenize
 from storage import (
     WHOLE,
     BatchRows,
@@ -57,47 +57,6 @@ log = logging.getLogger(__name__)
 # idle core-s in stretches below 1.6 cores at each window end, against 0.36-0.52 with one batch
 # ahead). The extra memory is at most this share of the window's (512 MB: 64 MB).
 AHEAD_SHARE = 1 / 8
-
-
-@dataclass
-class CacheConfig:
-    """Everything ``sidecache cache`` takes; sizes have working defaults."""
-
-    backbone: str
-    data: str
-    split: str
-    out: str
-    layers: str = "all"
-    positions: str = "all"
-    dtype: str = "bfloat16"
-    codec: str = "blosc-lz4:5"
-    max_length: int | None = None
-    device: str = "auto"
-    overwrite: bool = False
-    revision: str | None = None
-    limit: int | None = None
-    lst_prune: int | None = None  # also store LST's pruned-backbone initialisation for d/r
-    columns: ColumnOptions = field(default_factory=ColumnOptions)
-    token_budget: int = 4096
-    max_batch: int = 256
-    # what one more batch costs the backbone, in padded token slots: batches are cut where slots
-    # plus this per batch are least (pipeline.tokens.PlanSettings.batch_cost); None: fill each
-    # batch to the budget, as stores written before this setting (to resume one of those)
-    batch_cost: int | None = BATCH_COST
-    # samples are length-sorted within windows of this many stored MB, which stage one holds
-    # in RAM until written. MiniLM on SST-2: 0.57% padding (1 GB: 0.31%, 256 MB: 1.7%); half of
-    # 1 GB's fresh memory, which costs more than the padding saved (`stage_one_ablation
-    # --window-mb 1024 --arms stage,halfwindow`), and less to compress after the last batch
-    window_mb: float = 512.0
-    chunk_mb: float = 4.0
-    shard_chunks: int = 8
-    writer_threads: int = 2
-    # batches run through the backbone at once on CPU, each on its own thread with its share of
-    # torch's threads (pipeline.extract.in_streams); always 1 on CUDA
-    streams: int = 2
-    progress: bool = True
-    shard: str | None = None  # "I/N": write only worker I's shards of N (pipeline.shards)
-    finalize: bool = False  # only finalise a store whose shards are all written
 
 
 def validate(cfg: CacheConfig) -> None:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from pipeline.cache import CacheConfig, check_writable, run_cache, validate
 from pipeline.cluster import LOCAL, check_scheduler, dask_client, worker_resources
+from pipeline.config import setting
 from pipeline.errors import ConfigError, SidecacheError
 from pipeline.shards import parse_shard
 
@@ -46,10 +47,16 @@ class ClusterError(SidecacheError, RuntimeError):
 class ClusterOptions:
     """Where and how finely stage one fans out (``--scheduler``, ``--shards``, ...)."""
 
-    scheduler: str | None  # "local" (a LocalCluster here) or an address such as tcp://host:8786
-    shards: int | None  # shard tasks: the N of --shard I/N
-    workers: int = 0  # LocalCluster worker processes; 0: one per shard task, at most one a core
-    retries: int = 1  # re-runs of a task that failed with an unexpected error
+    scheduler: str | None = setting(
+        help="run the --shard workers as tasks on a Dask cluster: local (a LocalCluster here) or "
+        "a scheduler address (tcp://host:8786); needs --shards",
+        fallback=None,
+    )
+    shards: int | None = setting(help="shard tasks (I/N)", metavar="N", fallback=None)
+    workers: int = setting(
+        0, "LocalCluster worker processes (default: one per shard task, at most one per core)"
+    )
+    retries: int = setting(1, "retries of a task that crashed")  # an unexpected error
 
 
 @dataclass(frozen=True)

@@ -19,20 +19,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DataSpecError
+from pipeline.settings import ColumnOptions
 
 log = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"dev": "dev", "validation": "dev", "val": "dev", "train": "train", "test": "test"}
 BBC_SEED, BBC_DEV_FRACTION = 20221, 0.2
-
-
-@dataclass(frozen=True)
-class ColumnOptions:
-    """Which columns hold the text, the optional second text, and the label."""
-
-    text: str | None = None
-    pair: str | None = None
-    label: str | None = None
 
 
 @dataclass

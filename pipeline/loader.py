@@ -205,12 +205,33 @@ class StoreLoader:
             st.put_edge(key, rows)
 
     # -- one epoch -------------------------------------------------------------------------------
-    def epoch(self, epoch: int) -> Iterator[SideBatch]:
-        """Batches of one epoch; deterministic in ``(seed, epoch)``."""
+    def plan(self, epoch: int) -> list[tuple[list[int], list[np.ndarray]]]:
+        """The batches of one epoch, deterministic in ``(seed, epoch)`` and independent of the
+        stored values: per round, its blocks (in the permutation's order) and the batches (sample
+        ids, in batch order) cut once its samples joined the pool. Every loader of a store (this
+        one streaming or in RAM, :class:`pipeline.resident.ResidentLoader` on a GPU) serves
+        exactly these batches."""
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.blocks)
         order = rng.permutation(n).tolist() if self.shuffle else list(range(n))
         rounds = [order[k : k + self.shuffle_blocks] for k in range(0, n, self.shuffle_blocks)]
+        pool = np.empty(0, dtype=np.int64)
+        out = []
+        for r, ids in enumerate(rounds):
+            pool = np.concatenate([pool, *(self.blocks[i] for i in ids)])
+            if self.shuffle:
+                pool = pool[rng.permutation(len(pool))]
+            last, cuts = r == len(rounds) - 1, []
+            while len(pool) >= self.batch_size or (last and len(pool)):
+                cuts.append(pool[: self.batch_size])
+                pool = pool[self.batch_size :]
+            out.append((ids, cuts))
+        return out
+
+    def epoch(self, epoch: int) -> Iterator[SideBatch]:
+        """Batches of one epoch (:meth:`plan`)."""
+        plan = self.plan(epoch)
+        rounds = [ids for ids, _ in plan]
         budget = None if self.in_ram else ByteBudget(self.pool_bytes, self.reserve)
         blocks: queue.Queue[Any] = queue.Queue(maxsize=self.shuffle_blocks)
         batches: queue.Queue[Any] = queue.Queue()
@@ -222,8 +243,7 @@ class StoreLoader:
             threading.Thread(target=self._reader, args=(rounds, budget, blocks, stop),
                              daemon=True),
             threading.Thread(target=self._batcher,
-                             args=(rounds, rng, budget, blocks, batches, slots, stop),
-                             daemon=True),
+                             args=(plan, budget, blocks, batches, slots, stop), daemon=True),
         ]  # fmt: skip
         for w in workers:
             w.start()
@@ -260,27 +280,23 @@ class StoreLoader:
         # a function of its own: no reference to the round's last block outlives it
         return all(_put(out, item, stop) for item in self._read_round(ids, st))
 
-    def _batcher(self, rounds: list[list[int]], rng: np.random.Generator,
+    def _batcher(self, plan: list[tuple[list[int], list[np.ndarray]]],
                  budget: ByteBudget | None, blocks: queue.Queue[Any], out: queue.Queue[Any],
                  slots: threading.Semaphore, stop: threading.Event) -> None:  # fmt: skip
         def work() -> None:
-            pool: list[_Sample] = []
-            for r, ids in enumerate(rounds):
+            pool: dict[int, _Sample] = {}
+            for r, (ids, cuts) in enumerate(plan):
                 got = _collect(len(ids), blocks, stop)
                 if got is None:
                     return
-                pool += self._samples(ids, got)
-                if self.shuffle:
-                    pool = [pool[k] for k in rng.permutation(len(pool))]
-                last = r == len(rounds) - 1
-                while len(pool) >= self.batch_size or (last and pool):
+                pool.update((x.sample, x) for x in self._samples(ids, got))
+                for samples in cuts:
                     if not _acquire(slots, stop):
                         return
-                    if not _put(out, self._collate(pool[: self.batch_size]), stop):
+                    if not _put(out, self._collate([pool.pop(int(s)) for s in samples]), stop):
                         return
-                    pool = pool[self.batch_size :]
                 if budget is not None:  # give the round back once nothing points into it
-                    pool = _detach(pool, budget)
+                    pool = {x.sample: x for x in _detach(list(pool.values()), budget)}
                     budget.give(r)
             _put(out, _END, stop)
 

@@ -22,37 +22,38 @@ from typing import Any
 
 import yaml
 
-from pipeline.errors import ConfigError
+from pipeline.config import ParamsError, check_settings, defaults
+from pipeline.settings import CacheConfig, TrainConfig
 
 DEFAULT_PARAMS = "params.yaml"
+# the settings of stage one and two that params.yaml may set; their types and defaults are
+# CacheConfig's and TrainConfig's (pipeline.settings), which `sidecache cache`/`train` share
+CACHE_KEYS = (
+    "backbone", "revision", "max_length", "layers", "positions", "dtype", "codec", "device",
+    "token_budget", "lst_prune",
+)  # fmt: skip
+TRAIN_KEYS = ("epochs", "batch_size", "seed", "device", "ram_budget_mb")
 
-
-class ParamsError(ConfigError):
-    """``params.yaml`` is missing, malformed, or names something that does not exist."""
-
-
-@dataclass
-class CacheParams:
-    backbone: str = "minilm"
-    revision: str | None = None
-    max_length: int | None = 128
-    layers: str = "all"
-    positions: str = "all"
-    dtype: str = "bfloat16"
-    codec: str = "blosc-lz4:5"
-    device: str = "auto"
-    token_budget: int = 4096
-    lst_prune: int | None = None
+__all__ = [
+    "CACHE_KEYS",
+    "DEFAULT_PARAMS",
+    "TRAIN_KEYS",
+    "Dataset",
+    "Params",
+    "ParamsError",
+    "ReportParams",
+    "TrainParams",
+    "glue_tasks",
+    "load_params",
+    "sidenet_specs",
+]
 
 
 @dataclass
 class TrainParams:
+    """The ``train:`` key only params.yaml has: the side networks to train, name -> spec."""
+
     sidenets: dict[str, str] = field(default_factory=lambda: {"read": "read"})
-    epochs: int = 3
-    batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
-    ram_budget_mb: int = 4096
 
 
 @dataclass
@@ -78,8 +79,9 @@ class Params:
     tasks: list[str]
     datasets: dict[str, Dataset]
     glue_dir: Path | None
-    cache: CacheParams
-    train: TrainParams
+    cache: dict[str, Any]  # CACHE_KEYS -> the value set here, else CacheConfig's default
+    train: dict[str, Any]  # TRAIN_KEYS -> the value set here, else TrainConfig's default
+    sidenets: dict[str, str]  # train.sidenets
     report: ReportParams
 
     def dataset(self, task: str) -> Dataset:
@@ -115,41 +117,30 @@ def glue_tasks(root: Path | None) -> dict[str, Path]:
     }
 
 
-def _section(raw: dict[str, Any], name: str, cls: type, path: Path) -> Any:
-    values = raw.get(name) or {}
-    if not isinstance(values, dict):
-        raise ParamsError(
-            f"{path}: `{name}` must be a mapping of settings, found {type(values).__name__} "
-            f"{values!r}"
-        )
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ParamsError(
-            f"{path}: unknown key(s) {', '.join(unknown)} in `{name}`; expected some of "
-            f"{', '.join(known)}"
-        )
-    defaults = cls()
-    for key, value in values.items():
-        want = getattr(defaults, key)
-        _check_type(f"{name}.{key}", value, want, path)
-    return cls(**values)
+def _section(raw: dict[str, Any], name: str, cls: Any, keys: Any, path: Path) -> dict[str, Any]:
+    values = raw.get(name)
+    return check_settings(cls, {} if values is None else values, name, keys, source=str(path))
 
 
-def _check_type(key: str, value: Any, default: Any, path: Path) -> None:
-    if value is None or default is None:
-        return  # optional settings (limit, revision) take null
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        dict: lambda v: isinstance(v, dict),
-    }[type(default)](value)
-    if not ok:
+def _dataset(name: str, entry: Any, path: Path) -> Dataset:
+    entry = {"data": entry} if isinstance(entry, str) else entry
+    if not isinstance(entry, dict) or not isinstance(entry.get("data"), str):
         raise ParamsError(
-            f"{path}: `{key}` must be {type(default).__name__} (like {default!r}), found "
-            f"{type(value).__name__} {value!r}"
+            f"{path}: `datasets.{name}` must be a data spec or a mapping with `data: SPEC`, "
+            f"found {entry!r}"
         )
+    keys = [f.name for f in fields(Dataset) if f.name != "name"]
+    return Dataset(name=name, **check_settings(Dataset, entry, f"datasets.{name}", keys, str(path)))
+
+
+def _sidenets(train: dict[str, Any], path: Path) -> dict[str, str]:
+    sidenets: dict[str, str] = train.get("sidenets", TrainParams().sidenets)
+    if not sidenets:
+        raise ParamsError(
+            f"{path}: `train.sidenets` must map names to specs (e.g. `read: 'read:hidden=128'`), "
+            f"found {sidenets!r}"
+        )
+    return sidenets
 
 
 def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
@@ -176,46 +167,33 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     tasks = raw.get("tasks")
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise ParamsError(f"{path}: `tasks` must be a non-empty list of names, found {tasks!r}")
-    datasets: dict[str, Dataset] = {}
-    for name, entry in (raw.get("datasets") or {}).items():
-        entry = {"data": entry} if isinstance(entry, str) else entry
-        if not isinstance(entry, dict) or not isinstance(entry.get("data"), str):
-            raise ParamsError(
-                f"{path}: `datasets.{name}` must be a data spec or a mapping with `data: SPEC`, "
-                f"found {entry!r}"
-            )
-        extra = sorted(set(entry) - {f.name for f in fields(Dataset)} - {"name"})
-        if extra:
-            raise ParamsError(f"{path}: unknown key(s) {', '.join(extra)} in `datasets.{name}`")
-        datasets[str(name)] = Dataset(name=str(name), **entry)
+    datasets = {
+        str(name): _dataset(str(name), entry, path)
+        for name, entry in (raw.get("datasets") or {}).items()
+    }
     glue = raw.get("glue_dir")
     glue_dir = (path.parent / glue) if isinstance(glue, str) else None
-    train = _section(raw, "train", TrainParams, path)
-    if not train.sidenets or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in train.sidenets.items()
-    ):
-        raise ParamsError(
-            f"{path}: `train.sidenets` must map names to specs (e.g. `read: 'read:hidden=128'`), "
-            f"found {train.sidenets!r}"
-        )
+    cache = _section(raw, "cache", CacheConfig, CACHE_KEYS, path)
+    train = _section(raw, "train", (TrainConfig, TrainParams), (*TRAIN_KEYS, "sidenets"), path)
     params = Params(
         path=path,
         tasks=[str(t) for t in tasks],
         datasets=datasets,
         glue_dir=glue_dir,
-        cache=_section(raw, "cache", CacheParams, path),
-        train=train,
-        report=_section(raw, "report", ReportParams, path),
+        cache={**defaults(CacheConfig, CACHE_KEYS), **cache},
+        train={**defaults(TrainConfig, TRAIN_KEYS), **{k: train[k] for k in TRAIN_KEYS if k in train}},
+        sidenets=_sidenets(train, path),
+        report=ReportParams(**_section(raw, "report", ReportParams, None, path)),
     )
     for task in params.tasks:
         params.dataset(task)  # every task must resolve before anything runs
     return params
 
 
-def sidenet_specs(train: TrainParams) -> list[str]:
+def sidenet_specs(sidenets: dict[str, str]) -> list[str]:
     """``--sidenet`` specs with the params' names, so outputs land in ``<task>/<name>/``."""
     specs = []
-    for name, spec in train.sidenets.items():
+    for name, spec in sidenets.items():
         if re.search(r"(^|[:,])name=", spec):
             raise ParamsError(
                 f"`train.sidenets.{name}` sets name= itself; the key ({name!r}) is the name"

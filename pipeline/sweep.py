@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import default_of, int_list, setting
 from pipeline.errors import ConfigError
+from pipeline.settings import TrainConfig
 from pipeline.sidenets import parse_spec
 from storage import atomic_path
 
@@ -56,31 +58,35 @@ def parse_task(text: str) -> Task:
     return Task(name.strip() or train.rstrip("/").rsplit("/", 1)[-1], train, eval_)
 
 
-def parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds:
-        raise ConfigError(f"--seeds {text!r}: expected a comma list of integers, e.g. 0,1,2")
-    return seeds
-
-
 @dataclass
 class SweepConfig:
-    tasks: list[Task]
-    specs: list[str]
-    seeds: list[int]
-    epochs: int
-    out: str
-    scheduler: str = "local"  # "local" (LocalCluster), "sequential" (this process), or address
-    workers: int = 2  # LocalCluster worker processes
-    threads: int = 1  # torch threads per worker (and in sequential mode)
-    per_pass: int = 0  # networks per pass at most; 0 = choose from the cluster size
-    retries: int = 1
-    batch_size: int = 32
-    device: str = "cpu"
-    ram_budget_mb: int = 4096
+    """Everything ``sidecache sweep`` takes; each unit trains as ``sidecache train`` would."""
+
+    tasks: list[Task] = setting(
+        help="a train/eval store pair (folders or URLs such as s3://bucket/store); repeat",
+        flag="--task", metavar="NAME=TRAIN,EVAL", parse=parse_task, append=True, fallback=[],
+    )  # fmt: skip
+    specs: list[str] = setting(
+        help="KIND[:key=value,...] as for 'sidecache train'; repeat",
+        flag="--sidenet", metavar="SPEC", append=True, fallback=[],
+    )  # fmt: skip
+    seeds: list[int] = setting(
+        help="comma list, e.g. 0,1,2 (default 0)", parse=int_list, fallback=[0]
+    )
+    epochs: int = setting(help="epochs of every unit", fallback=default_of(TrainConfig, "epochs"))
+    out: str = setting(help="OUT/<task>/seed<S>/<name>/ (shared by workers)")
+    scheduler: str = setting(
+        "local",
+        "local (a LocalCluster here), sequential (no Dask), or a scheduler address "
+        "(tcp://host:8786)",
+    )
+    workers: int = setting(2, "LocalCluster worker processes")
+    threads: int = setting(1, "torch threads per worker")  # and in sequential mode
+    per_pass: int = setting(0, "side networks per pass at most (0 = auto)")  # from the cluster
+    retries: int = setting(1, "retries of a failed unit")
+    batch_size: int = setting(TrainConfig.batch_size, "samples per training batch")
+    device: str = setting("cpu", "cpu | cuda | auto (on the workers)")
+    ram_budget_mb: int = setting(TrainConfig.ram_budget_mb, "keep stores this small in RAM")
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,7 @@ def plan_units(cfg: SweepConfig) -> list[Unit]:
 def run_unit(unit: Unit) -> list[dict[str, Any]]:
     """Train one unit (on a worker): returns one result row per network."""
 
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.train import run_train
 
     started = time.perf_counter()
     cpu = time.process_time()

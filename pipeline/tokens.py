@@ -16,11 +16,9 @@ import numpy as np
 
 from pipeline.data import TextData
 from pipeline.errors import DataSpecError
+from pipeline.settings import BATCH_COST as BATCH_COST  # re-exported: stage one's default
 
 log = logging.getLogger(__name__)
-# what one more backbone batch costs, in padded token slots, for the cheapest-cut plan: 64 was the
-# fastest of 16/64/256 for MiniLM and a 12-layer BERT on this CPU (BENCHMARKS.md, "Batch plan")
-BATCH_COST = 64
 
 
 @dataclass

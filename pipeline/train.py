@@ -29,7 +29,9 @@ from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.loader import StoreLoader
 from pipeline.memory import cpu_threads, lean_malloc, trim_malloc
 from pipeline.optim import AdamW, WarmupDecay, schedule
+from pipeline.resident import ResidentLoader, resident_bytes
 from pipeline.sidenets import SideSpec, StoreInfo, build, init_from_store, loss_fn, parse_spec
+from pipeline.settings import TrainConfig
 from storage import StoreReader, open_store
 
 log = logging.getLogger(__name__)
@@ -44,24 +46,6 @@ SAME_SOURCE = (
     "task.type",
     "task.num_labels",
 )
-
-
-@dataclass
-class TrainConfig:
-    train: str
-    eval: str
-    specs: list[str]
-    epochs: int
-    out: str
-    batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
-    ram_budget_mb: int = 4096
-    progress: bool = True
-    threads: int = 0  # torch intra-op threads on CPU; 0 = half the usable cores (at least 1)
-    pool_mb: int = 512  # streaming: the loader's budget for stored rows; a round holds <= half
-    low_memory: bool = False  # one prefetched batch, and glibc returns freed buffers at once
-    micro_rows: int = 0  # > 0: forward and backward on groups of at most this many rows
 
 
 @dataclass
@@ -204,20 +188,24 @@ def train_step(m: Member, batch: Any, info: StoreInfo) -> None:
 
 
 @torch.no_grad()
-def evaluate(models: list[Member], loader: StoreLoader, info: StoreInfo, device: torch.device,
+def evaluate(models: list[Member], loader: Loader, info: StoreInfo, device: torch.device,
              ) -> dict[str, dict[str, float]]:  # fmt: skip
-    outs: dict[str, list[np.ndarray]] = {m.name: [] for m in models}
-    gold: list[np.ndarray] = []
+    """Every model's metrics on one pass over ``loader``; outputs stay on the device until the
+    pass is over (one copy to the host, no sync per batch)."""
+    outs: dict[str, list[torch.Tensor]] = {m.name: [] for m in models}
+    gold: list[torch.Tensor] = []
     for batch in loader.epoch(0):
         batch = batch.to(device)
-        gold.append(batch.labels.cpu().numpy())
+        gold.append(batch.labels)
         for m in models:
             started = time.perf_counter()
             m.model.eval()
-            outs[m.name].append(m.model(batch).float().cpu().numpy())
+            outs[m.name].append(m.model(batch).float())
             m.seconds += time.perf_counter() - started
-    y = np.concatenate(gold)
-    return {name: metrics.compute(info.task, np.concatenate(o), y) for name, o in outs.items()}
+    y = torch.cat(gold).cpu().numpy()
+    return {
+        name: metrics.compute(info.task, torch.cat(o).cpu().numpy(), y) for name, o in outs.items()
+    }
 
 
 def record_epoch(m: Member, epoch: int, scores: dict[str, float]) -> bool:
@@ -253,6 +241,40 @@ def run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         torch.set_num_threads(before)
 
 
+Loader = StoreLoader | ResidentLoader
+
+
+def make_loaders(cfg: TrainConfig, train: StoreReader, evaluation: StoreReader, eval_batch: int,
+                 device: torch.device) -> tuple[Loader, Loader]:  # fmt: skip
+    """The train and eval loaders: on CUDA, both stores resident on the GPU when their stored
+    rows fit ``device_budget_mb``; otherwise read on the host (in RAM when they fit
+    ``ram_budget_mb``, else streamed), into pinned memory when training on CUDA."""
+    memory: dict[str, Any] = {
+        "ram_budget": cfg.ram_budget_mb << 20,
+        "pool_bytes": cfg.pool_mb << 20,
+        "prefetch": 1 if cfg.low_memory else 4,
+        "pin_memory": device.type == "cuda",
+    }
+
+    def pair(**extra: Any) -> tuple[StoreLoader, StoreLoader]:
+        settings = {**memory, **extra}
+        return (StoreLoader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, **settings),
+                StoreLoader(evaluation, eval_batch, shuffle=False, **settings))  # fmt: skip
+
+    if device.type != "cuda":
+        return pair()
+    host = pair(ram_budget=0)  # reads nothing yet
+    need = sum(resident_bytes(x) for x in host)
+    budget = cfg.device_budget_mb << 20
+    if cfg.device_budget_mb < 0:
+        budget = torch.cuda.mem_get_info(device)[0] // 2
+    if need <= budget:
+        return ResidentLoader(host[0], device), ResidentLoader(host[1], device)
+    log.info("stores need %.1f MB on the GPU, over the budget of %.1f MB (--device-budget-mb): "
+             "reading them on the host", need / 1e6, budget / 1e6)  # fmt: skip
+    return pair()
+
+
 def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError("--epochs and --batch-size must be at least 1")
@@ -273,15 +295,8 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         torch.set_num_threads(cpu_threads(cfg.threads))
     if cfg.low_memory and not lean_malloc():
         log.warning("--low-memory: cannot set the allocator's mmap threshold (not glibc)")
-    memory: dict[str, Any] = {
-        "ram_budget": cfg.ram_budget_mb << 20,
-        "pool_bytes": cfg.pool_mb << 20,
-        "prefetch": 1 if cfg.low_memory else 4,
-        "pin_memory": device.type == "cuda",
-    }
-    loader = StoreLoader(train_reader, cfg.batch_size, shuffle=True, seed=cfg.seed, **memory)
     eval_batch = eval_batch_size(cfg, train_reader, eval_reader)
-    eval_loader = StoreLoader(eval_reader, eval_batch, shuffle=False, **memory)
+    loader, eval_loader = make_loaders(cfg, train_reader, eval_reader, eval_batch, device)
     total = cfg.epochs * len(loader)
     members = [
         make_member(n, s, info, total, cfg, device, eval_batch, train_reader.extra)

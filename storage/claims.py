@@ -12,7 +12,8 @@ conditional put on S3), then the other claims are checked for conflicts:
 
 A claim whose process is dead (same host, pid gone) is stale and is removed. A conflict raises
 :class:`StoreBusyError`; when two processes start at the same instant both may refuse, never
-both proceed.
+both proceed. :func:`others_alive` lists the claims of other live writers: a resumed writer
+removes the temporary files left in the store only when there are none.
 """
 
 from __future__ import annotations

@@ -406,6 +406,8 @@ def _is_sharded(doc: dict[str, Any]) -> bool:
 
 def absent_chunk_files(local: Path, name: str, meta: ArrayV3Metadata) -> list[str]:
     """Chunk files (relative to the store) of an unsharded array that are absent or empty."""
+    if 0 in meta.shape:
+        return []  # no element, no chunk
     grid = [-(-int(n) // int(c)) for n, c in zip(meta.shape, meta.chunks, strict=True)]
     out = []
     for coords in itertools.product(*(range(n) for n in grid)):

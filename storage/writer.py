@@ -6,6 +6,12 @@ arrives, the shard is compressed and written on a worker thread; once every laye
 shard is on disk its ``progress`` row is written. A resumed run skips every shard that has its
 progress row, so the store ends up identical to an uninterrupted run as long as the caller feeds
 the same batches.
+
+Every chunk of every array is written as a file, all-zero ones too (``write_empty_chunks``), so
+a reader can tell a deleted chunk file from a chunk equal to the fill value; finalisation records
+a sha256 of every array's ``zarr.json`` (:mod:`storage.schema`, ``integrity``). A resumed run
+first removes the temporary files a killed writer left behind (zarr's ``*.partial``, sidecache's
+``.*.tmp``) unless another live writer holds a claim on the store and may be writing them.
 """
 
 from __future__ import annotations

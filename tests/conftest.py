@@ -60,10 +60,10 @@ def pytest_configure(config: pytest.Config) -> None:
     initialises CUDA (the driver reads ``CUDA_VISIBLE_DEVICES`` once, when it starts)."""
     if not selects_gpu(config.option.markexpr) or device_override() == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    elif torch.cuda.is_available():
+    else:
         # both tiers may run in one session (-m ''): start the driver now, with every GPU
         # visible, so that hiding CUDA from the CPU tier's subprocesses cannot hide it here
-        torch.cuda.device_count()
+        torch.cuda.is_available()
 
 
 def gpu_device() -> str | None:

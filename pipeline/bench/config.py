@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from pipeline.config import default_of, int_list, setting
 from pipeline.errors import ConfigError
+from pipeline.settings import CacheConfig, TrainConfig
 
 DEFAULT_METHODS = [
     "cached:read",
@@ -19,28 +21,58 @@ DEFAULT_METHODS = [
 ]
 
 
+def parse_methods(text: str) -> list[str]:
+    """``--methods``: ``cached:read:hidden=64;lr=1e-3,online:lora`` -> one spec per method, its
+    keys joined by ``,`` again (``;`` on the command line, where ``,`` separates methods)."""
+    return [m.strip().replace(";", ",") for m in text.split(",") if m.strip()]
+
+
 @dataclass
 class BenchConfig:
-    backbone: str
-    data: str
-    out: str
-    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    epochs: int = 3
-    batch_size: int = 32
-    limit: int | None = None  # first N training samples
-    eval_limit: int | None = None
-    eval_split: str = "dev"
-    max_length: int | None = 128
-    dtype: str = "bfloat16"  # the store's dtype; online READ/LST round to it too
-    positions: str = "all"  # the stores' positions (first/last: single-position side networks)
-    chunk_mb: float = 4.0  # the stores' chunk size: the streaming loader's unit of decoding
-    device: str = "auto"
-    ram_budget_mb: int = 4096  # cached runs: stores up to this size are held in RAM
-    pool_mb: int = 512  # cached runs: the loader's budget for stored rows (sidecache train)
-    low_memory: bool = False  # cached runs: ``sidecache train --low-memory``
-    micro_rows: int = 0  # cached runs: ``sidecache train --micro-rows``
-    threads: int = 0  # cached runs: ``sidecache train --threads`` (0: half the cores)
+    """Everything ``sidecache bench`` takes; the cached runs' settings are stage two's."""
+
+    backbone: str = setting(help="as for sidecache cache", fallback=default_of(CacheConfig, "backbone"))
+    data: str = setting(help="data spec, e.g. glue:../shared/data/glue/MRPC")
+    out: str = setting(help="folder for stores, runs, bench.json/.csv/.md")
+    methods: list[str] = setting(
+        DEFAULT_METHODS,
+        "comma list of cached:KIND[:key=value;...] (stage two side networks) and "
+        "online:KIND[:key=value;...] (full, lora, meft, read, lst), keys joined by ';', e.g. "
+        f"online:lora:r=8;lr=5e-4; default {','.join(DEFAULT_METHODS)}",
+        parse=parse_methods,
+    )
+    seeds: list[int] = setting([0, 1, 2], "comma list, default 0,1,2", parse=int_list)
+    epochs: int = setting(default_of(TrainConfig, "epochs"), "epochs of every run")
+    batch_size: int = setting(TrainConfig.batch_size, "samples per training batch")
+    limit: int | None = setting(None, "first N training samples")
+    eval_limit: int | None = setting(None, "first N evaluation samples")
+    eval_split: str = setting("dev", "the split every run is evaluated on")
+    max_length: int | None = setting(128, "truncate samples to N tokens (stores and online runs)")
+    dtype: str = setting(CacheConfig.dtype, "store dtype (online READ/LST round to it)")
+    positions: str = setting(
+        CacheConfig.positions,
+        "the stores' positions: all, or first/last when every cached method reads only that "
+        "one (a leaner store; online methods are unaffected)",
+    )
+    chunk_mb: float = setting(
+        CacheConfig.chunk_mb,
+        "the stores' chunk size; a streaming loader decodes whole chunks of every layer",
+    )
+    device: str = setting(TrainConfig.device, "auto | cpu | cuda")
+    ram_budget_mb: int = setting(
+        TrainConfig.ram_budget_mb,
+        "cached runs hold stores up to this size in RAM (0: stream them)",
+    )
+    pool_mb: int = setting(TrainConfig.pool_mb, "cached runs: the loader's budget for stored rows")
+    low_memory: bool = setting(
+        TrainConfig.low_memory, "cached runs: sidecache train --low-memory"
+    )
+    micro_rows: int = setting(TrainConfig.micro_rows, "cached runs: sidecache train --micro-rows")
+    threads: int = setting(
+        TrainConfig.threads,
+        "cached runs: torch threads, as sidecache train --threads (0: its default, half the "
+        "cores)",
+    )
 
 
 def split_method(text: str) -> tuple[str, str]:

@@ -1,0 +1,146 @@
+"""The one-command GPU device check (benchmarks/gpu_check.py, benchmarks/gpu_check.sh), at toy
+size on the CPU: every phase runs and reports its figures under the keys the lead reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import gpu_check
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+
+
+def run_check(out: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--out", str(out), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def positive(report: dict[str, Any], dotted: str) -> float:
+    node: Any = report
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, f"{dotted}: no {part!r}"
+        node = node[part]
+    assert isinstance(node, int | float) and node > 0, f"{dotted} = {node!r}"
+    return float(node)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("gpu-check")
+    done = run_check(root / "out", "--smoke", "--device", "cpu", "--work", str(root / "work"))
+    report = json.loads((root / "out" / "gpu_check.json").read_text())
+    # 1: something was flagged; only the GPU tier's own results may be (they are not ours)
+    assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-3000:]
+    assert all(p.startswith("gpu tests:") for p in report["summary"]["problems"]), report["summary"]
+    return report
+
+
+def test_the_smoke_check_runs_every_phase(smoke):
+    assert list(smoke["phases"]) == list(gpu_check.PHASES)
+    for name, entry in smoke["phases"].items():
+        allowed = ("ok", "skipped") if name == "gpu_tests" else ("ok",)
+        assert entry["status"] in allowed, (name, entry)
+    assert smoke["device"] == "cpu" and smoke["smoke"] is True
+    assert smoke["finished_utc"] is not None
+    positive(smoke, "environment.cpu_count")
+    assert smoke["environment"]["versions"]["zarr"]
+
+
+def test_stage_one_reports_throughput_and_the_roofline(smoke):
+    for model in ("minilm", "bert"):
+        for key in ("tokens_per_s", "roofline_ratio", "ratio", "cores_used"):
+            positive(smoke, f"stage_one.{model}.{key}")
+        for arm in ("forward", "extract", "stage"):
+            positive(smoke, f"stage_one.{model}.{arm}.wall_s")
+            positive(smoke, f"stage_one.{model}.{arm}.tokens_per_s")
+        positive(smoke, f"stage_one.{model}.write.wall_s")
+        positive(smoke, f"stage_one.{model}.stage.store.bytes_on_disk")
+        assert smoke["stage_one"][model]["stage"]["same_plan"] is True
+    # the MiniLM-shaped and BERT-shaped smoke models differ in shape
+    m, b = smoke["stage_one"]["minilm"], smoke["stage_one"]["bert"]
+    assert (m["layers"], m["hidden_size"]) != (b["layers"], b["hidden_size"])
+
+
+def test_stage_two_reports_k8_over_k1_step_time_and_memory(smoke):
+    for key in ("k8_over_k1", "ms_per_step", "peak_mb", "ms_per_step_k8", "k8_over_k1_stream"):
+        positive(smoke, f"stage_two.{key}")
+    runs = smoke["stage_two"]["runs"]
+    assert sorted(runs) == ["k1_ram", "k1_stream", "k8_ram", "k8_stream"]
+    assert all(len(runs[r]["networks"]) == (8 if r.startswith("k8") else 1) for r in runs)
+    assert smoke["stage_two"]["loader"]["ram"]["in_ram"] is True
+    assert smoke["stage_two"]["loader"]["stream"]["in_ram"] is False
+    positive(smoke, "stage_two.loader.stream.samples_per_s")
+    assert smoke["stage_two"]["peak_gpu_mb"] is None  # no GPU here
+
+
+def test_verify_passes_on_the_device_and_on_the_cpu(smoke):
+    v = smoke["verify"]
+    for where in ("device", "cpu"):
+        assert v[where]["passed"] is True, v[where]
+        assert v[where]["exact"] is True  # a CPU store recomputed on the same CPU
+        errors = v[where]["max_abs_error_vs_float32"]
+        assert len(errors) == v["store"]["layers"] and all(e >= 0 for e in errors.values())
+    assert v["device"]["checksums"]["damaged"] == []
+
+
+def test_a_phase_past_its_limit_is_recorded_and_the_next_one_runs(tmp_path):
+    done = run_check(tmp_path, "--device", "cpu", "--phases", "environment,verify",
+                     "--limit-scale", "0.01", timeout=60)  # fmt: skip
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert done.returncode == 1
+    assert [e["status"] for e in report["phases"].values()] == ["timeout", "timeout"]
+    assert all("limit" in e["error"] for e in report["phases"].values())
+    assert len(report["summary"]["problems"]) == 2
+
+
+def test_pytest_output_is_counted():
+    text = (
+        "..F.s\n"
+        "FAILED tests/gpu/test_a.py::test_x - AssertionError: boom\n"
+        "SKIPPED [1] tests/gpu/test_b.py:3: no CUDA\n"
+        "1 failed, 3 passed, 1 skipped, 2 deselected in 4.20s\n"
+    )
+    got = gpu_check.parse_pytest(text)
+    assert (got["passed"], got["failed"], got["skipped"], got["errors"]) == (3, 1, 1, 0)
+    assert got["failures"] == ["FAILED tests/gpu/test_a.py::test_x - AssertionError: boom"]
+    assert got["skip_reasons"] == ["SKIPPED [1] tests/gpu/test_b.py:3: no CUDA"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "usage:"),
+        (["--smoke"], "expected OUT_DIR first"),
+        (["-h"], "usage:"),
+    ],
+)
+def test_the_script_refuses_bad_arguments(args, message):
+    done = subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 2 and message in done.stderr
+
+
+def test_the_script_runs_from_the_repository_root_only(tmp_path):
+    done = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "out")], cwd=tmp_path,
+                          capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 2 and "repository root" in done.stderr
+
+
+def test_the_script_logs_and_passes_options_on(tmp_path):
+    """Wheels missing (no .whl here is fine), options after OUT_DIR reach the check."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, SITE=str(tmp_path / "site"))
+    done = subprocess.run(["bash", str(SCRIPT), str(out), "--device", "cpu", "--phases",
+                           "environment"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert report["phases"]["environment"]["status"] == "ok"
+    assert "gpu_check on cpu" in (out / "gpu_check.log").read_text()
