@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Generator
 from typing import Any
 
 import numpy as np
@@ -19,8 +20,16 @@ from pipeline.backbone import Backbone, cpu_numerics, load_backbone, parse_layer
 from pipeline.cache_errors import check_writable, free_bytes, resume_hint, write_failure
 from pipeline.data import head, load_data
 from pipeline.errors import ConfigError
-from pipeline.extract import extract_rows, in_streams, make_batch
+from pipeline.extract import (
+    PendingRows,
+    extract_rows,
+    in_flight,
+    in_streams,
+    launch_rows,
+    make_batch,
+)
 from pipeline.prune import lst_prune
+from pipeline.settings import CacheConfig
 from pipeline.shards import n_windows, owned_shards, parse_shard, window_shards
 from pipeline.storeplan import (
     announce,
@@ -30,7 +39,6 @@ from pipeline.storeplan import (
     row_offsets,
     shard_bytes_estimate,
 )
-from pipeline.settings import CacheConfig
 from pipeline.tokens import Tokenized, plan_batches, tokenize
 from storage import (
     WHOLE,
@@ -57,6 +65,8 @@ log = logging.getLogger(__name__)
 # idle core-s in stretches below 1.6 cores at each window end, against 0.36-0.52 with one batch
 # ahead). The extra memory is at most this share of the window's (512 MB: 64 MB).
 AHEAD_SHARE = 1 / 8
+# CUDA: batches launched on the device ahead of the one whose rows are being written
+IN_FLIGHT = 3
 
 
 def validate(cfg: CacheConfig) -> None:
@@ -189,13 +199,21 @@ def _write(
         batch = make_batch(tok, np.sort(samples), bb.device)
         return extract_rows(bb, batch, layers, cfg.positions, cfg.dtype)
 
-    streams = cfg.streams if bb.device.type == "cpu" else 1
+    def launch(samples: np.ndarray) -> PendingRows:
+        batch = make_batch(tok, np.sort(samples), bb.device)
+        return launch_rows(bb, batch, layers, cfg.positions, cfg.dtype)
+
     batch_rows = cfg.token_budget if cfg.positions == "all" else cfg.max_batch  # at most
     ahead = int(AHEAD_SHARE * window_shards * layout.shard_rows) // batch_rows  # at least 1
+    # CUDA: batches queued on the device while the host writes; CPU: batches on threads
+    stream: Generator[BatchRows, None, None] = (
+        in_flight(launch, todo, IN_FLIGHT) if bb.device.type == "cuda"
+        else in_streams(rows_of, todo, cfg.streams, ahead)
+    )  # fmt: skip
     bar = tqdm(total=int(tok.lengths[needed].sum()), unit="tok", unit_scale=True,
                desc="stage one", disable=not cfg.progress)  # fmt: skip
     try:
-        with contextlib.closing(in_streams(rows_of, todo, streams, ahead)) as results:
+        with contextlib.closing(stream) as results:
             for rows in results:
                 writer.put(rows)
                 bar.update(int(tok.lengths[rows.samples].sum()))

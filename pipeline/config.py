@@ -221,15 +221,16 @@ def from_args(cls: type[T], args: argparse.Namespace, **given: Any) -> T:
     """``cls`` from the flags :func:`add_flags` added; ``given`` values win, and a field whose
     flag was skipped keeps its default."""
     values: dict[str, Any] = {}
-    for f in fields(cls):  # type: ignore[arg-type]
-        s, hint = setting_of(f), type_hints(cls)[f.name]
+    klass: Any = cls  # any dataclass
+    for f in fields(klass):
+        s, hint, default = setting_of(f), type_hints(klass)[f.name], default_of(klass, f.name)
         if f.name in given:
             values[f.name] = given[f.name]
         elif s is None and isinstance(hint, type) and is_dataclass(hint):
             values[f.name] = from_args(hint, args)
-        elif s is not None and hasattr(args, dest := dest_of(f, s, default_of(cls, f.name))):
+        elif s is not None and hasattr(args, dest := dest_of(f, s, default)):
             value = getattr(args, dest)
-            values[f.name] = not value if inverted(hint, default_of(cls, f.name)) else value
+            values[f.name] = not value if inverted(hint, default) else value
     return cls(**values)
 
 

@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -31,14 +31,29 @@ class DeviceBatch:
     attention_mask: torch.Tensor  # (B, T)
     token_type_ids: torch.Tensor | None  # (B, T)
     lengths: torch.Tensor  # (B,)
+    # the same slots as :attr:`real_slots`, found on the host when the batch was built there
+    # (``make_batch``), so a CUDA batch needs no device sync to know them
+    host_real_slots: np.ndarray | None = None
+    host_padded: bool = True
+    host_lengths: np.ndarray | None = None  # (B,) the lengths, where the batch was built
 
     @functools.cached_property
     def real_slots(self) -> torch.Tensor | None:
         """Flat indices into ``(B * T)`` of the non-pad token slots, in order; ``None`` when the
         batch has no padding (most batches of a length-bucketed plan), so gathering is a view."""
+        if self.host_real_slots is not None:
+            return _upload(self.host_real_slots, self.attention_mask.device)
+        if not self.host_padded:
+            return None
         if bool(self.attention_mask.all()):
             return None
         return self.attention_mask.reshape(-1).nonzero().squeeze(1)
+
+
+def _upload(x: Any, device: torch.device) -> torch.Tensor:
+    """A host array on ``device``; from pageable memory, the copy is staged and returns without
+    waiting for the device."""
+    return torch.from_numpy(x).to(device, non_blocking=True)
 
 
 def make_batch(tok: Tokenized, samples: np.ndarray, device: torch.device) -> DeviceBatch:
@@ -54,12 +69,16 @@ def make_batch(tok: Tokenized, samples: np.ndarray, device: torch.device) -> Dev
         mask[row, : len(seq)] = 1
         if types is not None and seg is not None:
             types[row, : len(seq)] = seg
+    padded = bool((lengths < width).any())
     return DeviceBatch(
         samples=np.asarray(samples, dtype=np.int64),
-        input_ids=torch.from_numpy(ids).to(device),
-        attention_mask=torch.from_numpy(mask).to(device),
-        token_type_ids=None if types is None else torch.from_numpy(types).to(device),
-        lengths=torch.from_numpy(lengths.astype(np.int64)).to(device),
+        input_ids=_upload(ids, device),
+        attention_mask=_upload(mask, device),
+        token_type_ids=None if types is None else _upload(types, device),
+        lengths=_upload(lengths.astype(np.int64), device),
+        host_real_slots=np.flatnonzero(mask.reshape(-1)) if padded else None,
+        host_padded=padded,
+        host_lengths=lengths.astype(np.int64),
     )
 
 
@@ -79,16 +98,11 @@ def gather(h: torch.Tensor, batch: DeviceBatch, positions: str) -> torch.Tensor:
 
 def encode(x: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Cast float32 rows ``(R, D)`` to the stored dtype on the device, then copy to the host."""
-    if dtype == "float32":
-        return x.cpu().numpy(), None
-    if dtype == "float16":
-        return x.half().cpu().numpy(), None
+    data, scale = _encode_on_device(x, dtype)
+    host = data.cpu().numpy()
     if dtype == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
-    scale = x.abs().amax(dim=1) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / safe.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-    return q.cpu().numpy(), scale.cpu().numpy()
+        host = host.view(np.uint16)
+    return host, None if scale is None else scale.cpu().numpy()
 
 
 def row_stats(x: torch.Tensor) -> torch.Tensor:
@@ -116,15 +130,18 @@ def check_finite(stats: torch.Tensor, layer: int, batch: DeviceBatch, positions:
 
 
 def forward_rows_and_stats(
-    bb: Backbone, batch: DeviceBatch, layers: list[int], positions: str
+    bb: Backbone, batch: DeviceBatch, layers: list[int], positions: str, check: bool = True
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Run one batch through the backbone: per layer, float32 rows ``(R, D)`` checked finite,
-    and their :func:`row_stats` ``(R, 4)``."""
+    """Run one batch through the backbone: per layer, float32 rows ``(R, D)`` checked finite
+    (unless ``check`` is False: the caller checks the statistics later, on the host), and their
+    :func:`row_stats` ``(R, 4)``."""
     states = hidden_states(bb, batch.input_ids, batch.attention_mask, batch.token_type_ids, layers)
     out = []
     for layer in layers:
         rows = gather(states[layer], batch, positions)  # (R, D)
         out.append((rows, row_stats(rows)))  # (R, D), (R, 4)
+    if not check:
+        return out
     extremes = torch.cat([stats[:, 2:] for _, stats in out], dim=1)  # (R, 2 L): one check
     if not bool(torch.isfinite(extremes).all()):
         for layer, (_, stats) in zip(layers, out, strict=True):
@@ -166,6 +183,107 @@ def extract_rows(
         scales=scales if dtype == "int8" else None,
         stats=torch.stack(stats, dim=1).cpu().numpy(),  # (R, L, 4)
     )
+
+
+@dataclass
+class PendingRows:
+    """A batch whose stored rows are on their way to the host: launched by :func:`launch_rows`,
+    ready once :meth:`result` returns."""
+
+    batch: DeviceBatch
+    layers: list[int]
+    positions: str
+    dtype: str
+    ready: torch.cuda.Event | None  # None: computed on the CPU, ready now
+    stored: torch.Tensor  # (R, L, D) stored dtype (bfloat16 bits as int16), pinned host memory
+    stats: torch.Tensor  # (R, L, 4) float32, pinned
+    scales: torch.Tensor | None  # (R, L) float32, pinned; int8 only
+
+    def result(self) -> BatchRows:
+        """Wait for the copy, check finiteness from the copied statistics, hand over the rows."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        stats = self.stats.numpy()
+        if not np.isfinite(stats[:, :, 2:]).all():
+            for j, layer in enumerate(self.layers):
+                check_finite(self.stats[:, j], layer, self.batch, self.positions)
+        stored = self.stored.numpy()
+        if self.dtype == "bfloat16":
+            stored = stored.view(np.uint16)
+        if self.dtype == "float16" and not np.isfinite(stored).all():
+            layer = self.layers[int(np.flatnonzero(~np.isfinite(stored).all(axis=(0, 2)))[0])]
+            raise NonFiniteError(
+                f"layer {layer} has values beyond the float16 range (±65504); store it as "
+                "--dtype bfloat16 or float32"
+            )
+        lengths = self.batch.host_lengths
+        if lengths is None:  # a batch not built by make_batch
+            lengths = self.batch.lengths.cpu().numpy()
+        per_sample = lengths if self.positions == "all" else np.ones_like(lengths)
+        n = len(self.layers)
+        return BatchRows(
+            samples=self.batch.samples,
+            rows_per_sample=per_sample.astype(np.int64),
+            layers=[stored[:, j] for j in range(n)],
+            scales=None if self.scales is None else [self.scales[:, j].numpy() for j in range(n)],
+            stats=stats,
+        )
+
+
+def launch_rows(
+    bb: Backbone, batch: DeviceBatch, layers: list[int], positions: str, dtype: str
+) -> PendingRows:
+    """:func:`extract_rows` for a CUDA batch, without waiting for it: the forward pass, gather,
+    statistics and cast are queued on the device, then one copy per array into page-locked host
+    memory and an event; the caller goes on (building and launching the next batch) meanwhile.
+    The rows are the same values :func:`extract_rows` gives (on a CPU batch too, where nothing
+    waits)."""
+    pairs = forward_rows_and_stats(bb, batch, layers, positions, check=False)
+    encoded = [_encode_on_device(rows, dtype) for rows, _ in pairs]
+    device_arrays = {
+        "stored": torch.stack([e for e, _ in encoded], 1),  # (R, L, D)
+        "stats": torch.stack([st for _, st in pairs], 1),  # (R, L, 4)
+    }
+    if dtype == "int8":
+        device_arrays["scales"] = torch.stack([sc for _, sc in encoded if sc is not None], 1)
+    cuda, host = batch.input_ids.is_cuda, dict(device_arrays)  # on the CPU: already there
+    if cuda:  # page-locked buffers come from torch's caching host allocator
+        for k, v in device_arrays.items():
+            host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            host[k].copy_(v, non_blocking=True)
+    ready = torch.cuda.Event() if cuda else None
+    if ready is not None:
+        ready.record()
+    return PendingRows(batch, layers, positions, dtype, ready, host["stored"], host["stats"],
+                       host.get("scales"))  # fmt: skip
+
+
+def _encode_on_device(x: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`encode` without the copy: the stored dtype's values on the device."""
+    if dtype == "float32":
+        return x, None
+    if dtype == "float16":
+        return x.half(), None
+    if dtype == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16), None
+    scale = x.abs().amax(dim=1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / safe.unsqueeze(1)).clamp_(-127, 127).to(torch.int8), scale
+
+
+def in_flight(
+    launch: Callable[[T], PendingRows], items: Iterable[T], depth: int = 2
+) -> Generator[BatchRows, None, None]:
+    """``launch`` over ``items``, results in order, with up to ``depth`` batches queued on the
+    device: while one batch's rows are copied off and handed to the writer, the next ones
+    compute."""
+    pending: deque[PendingRows] = deque()
+    for item in items:
+        pending.append(launch(item))
+        if len(pending) >= depth:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 @contextlib.contextmanager

@@ -133,6 +133,10 @@ def _dataset(name: str, entry: Any, path: Path) -> Dataset:
     return Dataset(name=name, **check_settings(Dataset, entry, f"datasets.{name}", keys, str(path)))
 
 
+def _without(values: dict[str, Any], key: str) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k != key}
+
+
 def _sidenets(train: dict[str, Any], path: Path) -> dict[str, str]:
     sidenets: dict[str, str] = train.get("sidenets", TrainParams().sidenets)
     if not sidenets:
@@ -167,10 +171,12 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
     tasks = raw.get("tasks")
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
         raise ParamsError(f"{path}: `tasks` must be a non-empty list of names, found {tasks!r}")
-    datasets = {
-        str(name): _dataset(str(name), entry, path)
-        for name, entry in (raw.get("datasets") or {}).items()
-    }
+    entries = raw.get("datasets") or {}
+    if not isinstance(entries, dict):
+        raise ParamsError(
+            f"{path}: `datasets` must map task names to data specs, found {entries!r}"
+        )
+    datasets = {str(name): _dataset(str(name), entry, path) for name, entry in entries.items()}
     glue = raw.get("glue_dir")
     glue_dir = (path.parent / glue) if isinstance(glue, str) else None
     cache = _section(raw, "cache", CacheConfig, CACHE_KEYS, path)
@@ -181,7 +187,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS) -> Params:
         datasets=datasets,
         glue_dir=glue_dir,
         cache={**defaults(CacheConfig, CACHE_KEYS), **cache},
-        train={**defaults(TrainConfig, TRAIN_KEYS), **{k: train[k] for k in TRAIN_KEYS if k in train}},
+        train={**defaults(TrainConfig, TRAIN_KEYS), **_without(train, "sidenets")},
         sidenets=_sidenets(train, path),
         report=ReportParams(**_section(raw, "report", ReportParams, None, path)),
     )

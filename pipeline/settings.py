@@ -27,9 +27,7 @@ def parse_batch_cost(text: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(
-            f"expected a number of token slots or 'fill'; found {text!r}"
-        ) from None
+        raise ConfigError(f"expected a number of token slots or 'fill'; found {text!r}") from None
 
 
 @dataclass(frozen=True)
@@ -145,6 +143,11 @@ class TrainConfig:
         "shuffled, the next one read ahead, cached chunk edges and leftovers together; a round "
         "holds at most half, so a smaller budget shuffles over fewer chunks at a time "
         "(different batches, in RAM too)",
+    )
+    device_budget_mb: int = setting(
+        -1,
+        "on CUDA, hold both stores on the GPU when their stored rows fit in this many MB "
+        "(-1, the default: half the free GPU memory; 0: never), else read them on the host",
     )
     low_memory: bool = setting(
         False,

@@ -30,8 +30,8 @@ from pipeline.loader import StoreLoader
 from pipeline.memory import cpu_threads, lean_malloc, trim_malloc
 from pipeline.optim import AdamW, WarmupDecay, schedule
 from pipeline.resident import ResidentLoader, resident_bytes
-from pipeline.sidenets import SideSpec, StoreInfo, build, init_from_store, loss_fn, parse_spec
 from pipeline.settings import TrainConfig
+from pipeline.sidenets import SideSpec, StoreInfo, build, init_from_store, loss_fn, parse_spec
 from storage import StoreReader, open_store
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import metrics
+from pipeline.config import add_flags, from_args
 from pipeline.data import ColumnOptions, TextData, head, load_data
 from pipeline.errors import ConfigError
 from pipeline.predict import load_predictor, predict
@@ -46,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="a data spec, as for 'sidecache cache'")
     p.add_argument("--split", default="dev")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--text-pair-column", default=None)
-    p.add_argument("--label-column", default=None)
+    add_flags(p, ColumnOptions)
     p.add_argument("--out", default=None, help="write predictions as JSON lines here")
     p.add_argument("--device", default="auto")
     p.add_argument("--backbone", default=None, help="load the backbone from here instead")
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_predictor(args.run, args.device, args.backbone)
     task = loaded.predictor.info.task
     if args.data:
-        cols = ColumnOptions(args.text_column, args.text_pair_column, args.label_column)
+        cols = from_args(ColumnOptions, args)
         data = head(load_data(args.data, args.split, cols), args.limit)
         gold: np.ndarray | None = data.labels
     else:

@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from pipeline.params import Params, ParamsError, glue_tasks, load_params, sidenet_specs
+from pipeline.settings import CacheConfig, ColumnOptions, TrainConfig
 from storage import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -33,23 +34,36 @@ def manifest_path(root: Path, task: str, split: str) -> Path:
     return root / "stores" / f"{task}-{split}.json"
 
 
-def cmd_cache(params: Params, root: Path, task: str, split: str, progress: bool) -> int:
-    from pipeline.cache import CacheConfig, run_cache
-    from pipeline.data import ColumnOptions
-    from storage import StoreExistsError, open_store
-
-    ds, c = params.dataset(task), params.cache
-    out = store_path(root, task, split)
-    manifest = manifest_path(root, task, split)
-    manifest.unlink(missing_ok=True)  # no manifest until this store is complete again
-    cfg = CacheConfig(
-        backbone=c.backbone, revision=c.revision, data=ds.data, split=split,
-        limit=ds.train_limit if split == "train" else None, out=str(out), layers=c.layers,
-        positions=c.positions, dtype=c.dtype, codec=c.codec, max_length=c.max_length,
-        device=c.device, token_budget=c.token_budget, lst_prune=c.lst_prune,
+def cache_config(params: Params, root: Path, task: str, split: str, progress: bool) -> CacheConfig:
+    """Stage one's settings for one task and split: params.yaml's `cache:` keys (the others at
+    CacheConfig's defaults, as `sidecache cache` has them) and the task's data."""
+    ds = params.dataset(task)
+    return CacheConfig(
+        **params.cache, data=ds.data, split=split,
+        limit=ds.train_limit if split == "train" else None, out=str(store_path(root, task, split)),
         columns=ColumnOptions(ds.text_column, ds.text_pair_column, ds.label_column),
         progress=progress,
     )  # fmt: skip
+
+
+def train_config(params: Params, root: Path, task: str, progress: bool) -> TrainConfig:
+    """Stage two's settings for one task: params.yaml's `train:` keys (the others at
+    TrainConfig's defaults) and every `train.sidenets` entry, named by its key."""
+    return TrainConfig(
+        **params.train, train=str(store_path(root, task, "train")),
+        eval=str(store_path(root, task, "dev")), specs=sidenet_specs(params.sidenets),
+        out=str(root / "outputs" / task), progress=progress,
+    )  # fmt: skip
+
+
+def cmd_cache(params: Params, root: Path, task: str, split: str, progress: bool) -> int:
+    from pipeline.cache import run_cache
+    from storage import StoreExistsError, open_store
+
+    cfg = cache_config(params, root, task, split, progress)
+    out = store_path(root, task, split)
+    manifest = manifest_path(root, task, split)
+    manifest.unlink(missing_ok=True)  # no manifest until this store is complete again
     try:
         run_cache(cfg)
     except StoreExistsError as exc:
@@ -70,7 +84,7 @@ def cmd_cache(params: Params, root: Path, task: str, split: str, progress: bool)
 
 def cmd_train(params: Params, root: Path, task: str, progress: bool) -> int:
     from pipeline.errors import StoreIncompleteError
-    from pipeline.train import TrainConfig, run_train
+    from pipeline.train import run_train
 
     for split in ("train", "dev"):
         if not manifest_path(root, task, split).is_file():
@@ -78,31 +92,21 @@ def cmd_train(params: Params, root: Path, task: str, progress: bool) -> int:
                 f"no manifest {manifest_path(root, task, split)}: the {split} store of task "
                 f"{task!r} is not complete; run its cache stage first (dvc repro)"
             )
-    t = params.train
-    run_train(TrainConfig(
-        train=str(store_path(root, task, "train")), eval=str(store_path(root, task, "dev")),
-        specs=sidenet_specs(t), epochs=t.epochs, out=str(root / "outputs" / task),
-        batch_size=t.batch_size, seed=t.seed, device=t.device, ram_budget_mb=t.ram_budget_mb,
-        progress=progress,
-    ))  # fmt: skip
+    run_train(train_config(params, root, task, progress))
     return 0
 
 
 def cmd_evaluate(params: Params, root: Path, task: str, name: str) -> int:
     from pipeline.evaluate import check_recorded, evaluate_run, flat_row, write_curve
 
-    if name not in params.train.sidenets:
+    if name not in params.sidenets:
         raise ParamsError(
-            f"side network {name!r} is not in train.sidenets ({', '.join(params.train.sidenets)})"
+            f"side network {name!r} is not in train.sidenets ({', '.join(params.sidenets)})"
         )
     params.dataset(task)
+    cfg = train_config(params, root, task, progress=False)
     run = root / "outputs" / task / name
-    scores = evaluate_run(
-        run,
-        str(store_path(root, task, "dev")),
-        device=params.train.device,
-        ram_budget_mb=params.train.ram_budget_mb,
-    )
+    scores = evaluate_run(run, cfg.eval, device=cfg.device, ram_budget_mb=cfg.ram_budget_mb)
     recorded = json.loads((run / "metrics.json").read_text())
     check_recorded(run, recorded, scores)
     row = flat_row(task, name, recorded, scores)
@@ -118,7 +122,7 @@ def cmd_report(params: Params, root: Path) -> int:
     from pipeline.report import load_rows, table, write_report
 
     results = root / "results"
-    names = list(params.train.sidenets)
+    names = list(params.sidenets)
     rows = load_rows(results / "metrics", results / "curves", params.tasks, names)
     paths = write_report(rows, results / "report", results / "cost.csv", params.report.title)
     head, body = table(rows)

@@ -31,7 +31,9 @@ def parse_methods(text: str) -> list[str]:
 class BenchConfig:
     """Everything ``sidecache bench`` takes; the cached runs' settings are stage two's."""
 
-    backbone: str = setting(help="as for sidecache cache", fallback=default_of(CacheConfig, "backbone"))
+    backbone: str = setting(
+        help="as for sidecache cache", fallback=default_of(CacheConfig, "backbone")
+    )
     data: str = setting(help="data spec, e.g. glue:../shared/data/glue/MRPC")
     out: str = setting(help="folder for stores, runs, bench.json/.csv/.md")
     methods: list[str] = setting(
@@ -64,14 +66,11 @@ class BenchConfig:
         "cached runs hold stores up to this size in RAM (0: stream them)",
     )
     pool_mb: int = setting(TrainConfig.pool_mb, "cached runs: the loader's budget for stored rows")
-    low_memory: bool = setting(
-        TrainConfig.low_memory, "cached runs: sidecache train --low-memory"
-    )
+    low_memory: bool = setting(TrainConfig.low_memory, "cached runs: sidecache train --low-memory")
     micro_rows: int = setting(TrainConfig.micro_rows, "cached runs: sidecache train --micro-rows")
     threads: int = setting(
         TrainConfig.threads,
-        "cached runs: torch threads, as sidecache train --threads (0: its default, half the "
-        "cores)",
+        "cached runs: torch threads, as sidecache train --threads (0: its default, half the cores)",
     )
 
 

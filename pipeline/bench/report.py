@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from pipeline.bench.config import BenchConfig
+
 MB = 1e6
 
 
@@ -145,9 +147,9 @@ def _fmt(x: Any, digits: int = 1) -> str:
 def store_extras(cfg: dict[str, Any]) -> str:
     """The stores' layout where it is not stage one's default (older reports lack the keys)."""
     out = ""
-    if cfg.get("positions", "all") != "all":
+    if cfg.get("positions", BenchConfig.positions) != BenchConfig.positions:
         out += f", positions {cfg['positions']}"
-    if cfg.get("chunk_mb", 4.0) != 4.0:
+    if cfg.get("chunk_mb", BenchConfig.chunk_mb) != BenchConfig.chunk_mb:
         out += f", chunks of {_fmt(cfg['chunk_mb'])} MB"
     return out
 
@@ -160,7 +162,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{cfg['batch_size']}, max length {cfg['max_length']}, store dtype {cfg['dtype']}"
         f"{store_extras(cfg)}, "
         f"seeds {cfg['seeds']}; cached runs: RAM budget {cfg['ram_budget_mb']} MB, pool "
-        f"{cfg.get('pool_mb', 512)} MB{', --low-memory' if cfg.get('low_memory') else ''}"
+        f"{cfg.get('pool_mb', BenchConfig.pool_mb)} MB"
+        f"{', --low-memory' if cfg.get('low_memory') else ''}"
         f"{', --micro-rows ' + str(cfg['micro_rows']) if cfg.get('micro_rows') else ''}"
         f"{', --threads ' + str(cfg['threads']) if cfg.get('threads') else ''}. "
         f"{env['cpus']} CPUs, CUDA {env['cuda']}, idle peak RSS "

@@ -111,3 +111,31 @@ def test_streams_take_ahead_items_beyond_those_running_and_keep_the_order(ahead)
     finally:
         torch.set_num_threads(before)
     assert [first, *rest] == [i * i for i in range(20)]
+
+
+def test_launched_rows_equal_extracted_rows(model_dir, glue_dir):
+    """The pipelined path stage one takes on CUDA gives the rows, scales and statistics of the
+    plain one (here on the CPU, where it waits for nothing)."""
+    from pipeline.backbone import load_backbone
+    from pipeline.data import load_data
+    from pipeline.extract import extract_rows, in_flight, launch_rows, make_batch
+    from pipeline.tokens import tokenize
+
+    bb = load_backbone(model_dir("bert"), "cpu")
+    data = load_data(f"glue:{glue_dir}", "train")
+    tok = tokenize(bb.tokenizer, data, 64, bb.takes_token_type_ids)
+    batches = [np.arange(0, 5), np.arange(5, 12), np.array([13])]
+    for positions, dtype in (("all", "bfloat16"), ("mean", "int8"), ("first", "float16")):
+        args = ([0, 1, 2], positions, dtype)
+        want = [extract_rows(bb, make_batch(tok, b, bb.device), *args) for b in batches]
+        got = list(in_flight(lambda b, a=args: launch_rows(bb, make_batch(tok, b, bb.device), *a),
+                             batches, depth=2))  # fmt: skip
+        for g, w in zip(got, want, strict=True):
+            assert np.array_equal(g.samples, w.samples)
+            assert np.array_equal(g.rows_per_sample, w.rows_per_sample)
+            assert np.array_equal(g.stats, w.stats)
+            for a, b in zip(g.layers, w.layers, strict=True):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+            assert (g.scales is None) == (w.scales is None)
+            for a, b in zip(g.scales or [], w.scales or [], strict=True):
+                assert np.array_equal(a, b)
