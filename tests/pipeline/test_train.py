@@ -298,3 +298,23 @@ def test_regression_task_trains_with_mse_and_reports_correlations(model_dir, tmp
         best = result[name]["eval"]["best"]
         assert set(best) == {"pearson", "spearman", "score"}
     assert result["read"]["eval"]["best"]["pearson"] > 0.3  # it learns; random would be near 0
+
+
+def test_adamw_foreach_path_equals_the_tensor_by_tensor_path():
+    """What a GPU runs (one foreach kernel per operation) is the CPU's arithmetic: same bits."""
+    torch.manual_seed(0)
+    ones = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    fused = [torch.nn.Parameter(p.detach().clone()) for p in ones]
+    a, b = AdamW(ones, lr=1e-2), AdamW(fused, lr=1e-2)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in ones]
+        for p, q, g in zip(ones, fused, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        for i in (0, 1):  # what step() does before choosing the path
+            b.steps[i] += 1.0
+            if b.moments[i] is None:
+                b.moments[i] = (torch.zeros_like(fused[i]), torch.zeros_like(fused[i]))
+        with torch.no_grad():
+            b._step_foreach([0, 1])
+    assert all(torch.equal(p, q) for p, q in zip(ones, fused, strict=True))
