@@ -29,7 +29,6 @@ from pipeline.errors import BackboneError, ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "minilm"
 HIDDEN_STATES = "block_output"
 
 

@@ -63,6 +63,9 @@ def dask_client(scheduler: str, workers: int, threads: int) -> Iterator[Any]:
                 threads_per_worker=1,
                 processes=True,
                 dashboard_address=None,
+                # no dashboard, but the scheduler still serves /health on HTTP: on a free port
+                # rather than 8787, which another cluster on this machine may hold
+                scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                 silence_logs=logging.WARNING,
             )
         client = Client(cluster)

@@ -167,6 +167,14 @@ def _argtype(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return convert
 
 
+def _with_default(text: str, default: Any) -> str:
+    """``-h`` shows the default where the help text does not already say it."""
+    if text == argparse.SUPPRESS or "default" in text or default is None or default == []:
+        return text
+    shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
+    return f"{text} (default {shown.replace('%', '%%')})"
+
+
 def _flag_options(cls: type, f: Field[Any], s: Setting) -> dict[str, Any]:
     hint, default = type_hints(cls)[f.name], default_of(cls, f.name)
     kw: dict[str, Any] = {"help": argparse.SUPPRESS if s.hidden else s.help}
@@ -180,6 +188,7 @@ def _flag_options(cls: type, f: Field[Any], s: Setting) -> dict[str, Any]:
         kw["required"] = True
     else:
         kw["default"] = default
+        kw["help"] = _with_default(kw["help"], default)
     base = _optional_base(hint)
     if s.append:
         kw["action"] = "append"

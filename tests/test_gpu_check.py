@@ -144,3 +144,29 @@ def test_the_script_logs_and_passes_options_on(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["phases"]["environment"]["status"] == "ok"
     assert "gpu_check on cpu" in (out / "gpu_check.log").read_text()
+
+
+def test_on_cuda_the_resident_mode_leads_the_stage_two_figures():
+    modes = gpu_check.modes_for("cuda")
+    assert list(modes) == ["resident", "ram", "stream"]
+    assert modes["ram"]["device_budget_mb"] == 0 == modes["stream"]["ram_budget_mb"]
+    walls = {"k1_resident": 2.0, "k8_resident": 5.0, "k1_ram": 4.0, "k8_ram": 8.0}
+    d: dict[str, Any] = {"modes": modes, "primary_mode": "resident", "runs": {
+        name: {"wall_s": w, "ms_per_step": w, "peak_gpu_mb": 10 * w} for name, w in walls.items()
+    }}  # fmt: skip
+    gpu_check.stage_two_ratios(d)
+    assert (d["k8_over_k1"], d["ms_per_step"], d["ms_per_step_k8"]) == (2.5, 2.0, 5.0)
+    assert (d["k8_over_k1_ram"], d["ram_over_resident_k1"], d["peak_gpu_mb"]) == (2.0, 2.0, 80)
+    assert d["k8_over_k1_stream"] is None and d["peak_mb"] == 80
+
+
+def test_the_second_model_is_cut_to_the_time_left():
+    ctx = gpu_check.Context("cuda", False, "/tmp", "/tmp", "/tmp", gpu_check.FULL)
+    first = {"layers": 7, "hidden_size": 384, "samples": 67349, "phase_s": 40.0}
+    ctx.deadline = gpu_check.time.time() + 100  # BERT-base: ~3.7x MiniLM's values per token
+    assert gpu_check.scaled_limit(ctx, first, "bert") == (24000, "as planned")
+    ctx.deadline = gpu_check.time.time() + 40
+    limit, why = gpu_check.scaled_limit(ctx, first, "bert")
+    assert 2400 <= limit < 24000 and "cut" in why
+    ctx.deadline = gpu_check.time.time() + 21
+    assert gpu_check.scaled_limit(ctx, first, "bert")[0] == 0

@@ -151,6 +151,8 @@ class Example:
     tags: list[str] = setting(["a"], "a list", append=True)
     table: dict[str, str] = setting({}, "a mapping")
     on: bool = setting(True, "on unless --no-on")
+    mode: str = setting("a", "a or b", choices=["a", "b"])
+    secret: int = setting(0, "not in -h", hidden=True)
 
 
 def test_list_defaults_are_copied_per_instance() -> None:
@@ -166,13 +168,16 @@ def test_flags_from_a_dataclass() -> None:
     assert "--table" not in option_strings(p)
     built = from_args(Example, p.parse_args(["--name", "n", "--no-on", "--limit", "2"]))
     assert built == Example("n", limit=2, on=False)
-    with pytest.raises(SystemExit):
-        p.parse_args([])  # --name is required
+    assert from_args(Example, p.parse_args(["--name", "n", "--secret", "4"])).secret == 4
+    assert "--secret" not in p.format_help() and "--no-on" in p.format_help()
+    for argv in ([], ["--name", "n", "--mode", "c"]):  # --name is required; c is no choice
+        with pytest.raises(SystemExit):
+            p.parse_args(argv)
 
 
 GOOD: dict[str, Any] = {
     "name": "x", "count": 2, "ratio": 1, "limit": None, "tags": ["a", "b"], "table": {"k": "v"},
-    "on": False,
+    "on": False, "mode": "b", "secret": 1,
 }  # fmt: skip
 WRONG = [
     ("count", "3", "must be int (like 3), found str '3'"),
