@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Generator
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from pipeline.backbone import Backbone, cpu_numerics, load_backbone, parse_layers, thread_invariant
@@ -33,6 +35,7 @@ from pipeline.settings import CacheConfig
 from pipeline.shards import n_windows, owned_shards, parse_shard, window_shards
 from pipeline.storeplan import (
     announce,
+    batch_limits,
     build_layout,
     identity,
     plan_settings,
@@ -76,12 +79,15 @@ def validate(cfg: CacheConfig) -> None:
     parse_codec(cfg.codec)
     if cfg.max_length is not None and cfg.max_length < 2:
         raise ConfigError(f"--max-length must be at least 2, found {cfg.max_length}")
-    if cfg.token_budget < 1 or cfg.max_batch < 1:
-        raise ConfigError("--token-budget and --max-batch must be positive")
-    if cfg.streams < 1 or cfg.writer_threads < 1:
+    if cfg.token_budget < 0 or cfg.max_batch < 0:
         raise ConfigError(
-            f"--streams and --writer-threads must be 1 or more, found {cfg.streams} and "
-            f"{cfg.writer_threads}"
+            "--token-budget and --max-batch must be positive (or 0: the device's default); "
+            f"found {cfg.token_budget} and {cfg.max_batch}"
+        )
+    if cfg.streams < 1 or cfg.writer_threads < 0:
+        raise ConfigError(
+            f"--streams must be 1 or more and --writer-threads 0 (auto) or more, found "
+            f"{cfg.streams} and {cfg.writer_threads}"
         )
     if cfg.batch_cost is not None and cfg.batch_cost < 0:
         raise ConfigError(f"--batch-cost must be 0 or more token slots, found {cfg.batch_cost}")
@@ -181,7 +187,8 @@ def _write(
     with meta_lock(cfg.out):  # shard workers starting together: one creates, the rest resume
         try:
             writer = create_store(cfg.out, layout, ident, task, arrays, overwrite=cfg.overwrite,
-                                  threads=cfg.writer_threads, buffers=window_shards)  # fmt: skip
+                                  threads=writer_threads(cfg.writer_threads, bb.device),
+                                  buffers=window_shards)  # fmt: skip
         except StoreExistsError as exc:
             raise resume_hint(exc, layout) from None
     if writer is None:
@@ -203,7 +210,8 @@ def _write(
         batch = make_batch(tok, np.sort(samples), bb.device)
         return launch_rows(bb, batch, layers, cfg.positions, cfg.dtype)
 
-    batch_rows = cfg.token_budget if cfg.positions == "all" else cfg.max_batch  # at most
+    token_budget, max_batch = batch_limits(cfg, bb.device)
+    batch_rows = token_budget if cfg.positions == "all" else max_batch  # at most
     ahead = int(AHEAD_SHARE * window_shards * layout.shard_rows) // batch_rows  # at least 1
     # CUDA: batches queued on the device while the host writes; CPU: batches on threads
     stream: Generator[BatchRows, None, None] = (
@@ -225,6 +233,16 @@ def _write(
         bar.close()
     log.info("stage one finished in %.1f s", time.perf_counter() - started)
     return _finish(cfg.out, everything, int((~writer.done).sum()))
+
+
+def writer_threads(wanted: int, device: torch.device) -> int:
+    """``--writer-threads``, or by default: 2 on CPU, where the backbone's streams need the
+    cores, and every usable core but two on CUDA, where compression is the host's only work."""
+    if wanted > 0:
+        return wanted
+    if device.type != "cuda":
+        return 2
+    return max(2, len(os.sched_getaffinity(0)) - 2)
 
 
 def _check_space(out: str, layout: Layout, done_before: int) -> None:

@@ -78,8 +78,10 @@ class CacheConfig:
         metavar="R",
     )  # fmt: skip
     columns: ColumnOptions = field(default_factory=ColumnOptions)  # --text-column, ...
-    token_budget: int = setting(4096, "padded tokens per batch")
-    max_batch: int = setting(256, "samples per batch at most")
+    token_budget: int = setting(
+        0, "padded tokens per batch; 0: 4096 on CPU, 65536 on CUDA (a GPU wants big batches)"
+    )
+    max_batch: int = setting(0, "samples per batch at most; 0: 256 on CPU, 4096 on CUDA")
     # batches are cut where slots plus this per batch are least
     # (pipeline.tokens.PlanSettings.batch_cost); None: fill each batch to the budget
     batch_cost: int | None = setting(
@@ -98,7 +100,11 @@ class CacheConfig:
     )
     chunk_mb: float = setting(4.0, "target chunk size")
     shard_chunks: int = setting(8, "chunks per shard file")
-    writer_threads: int = setting(2, "compression/write threads")
+    writer_threads: int = setting(
+        0,
+        "compression/write threads; 0: 2 on CPU (the backbone needs the cores), all cores but "
+        "two on CUDA (the backbone needs none)",
+    )
     # pipeline.extract.in_streams
     streams: int = setting(
         2,

@@ -49,6 +49,17 @@ def build_layout(
     )
 
 
+# ``--token-budget`` and ``--max-batch`` when left at 0, by device type: small batches keep a
+# CPU's caches warm; a GPU needs tens of thousands of tokens per forward to be busy
+BATCH_LIMITS = {"cpu": (4096, 256), "cuda": (65536, 4096)}
+
+
+def batch_limits(cfg: CacheConfig, device: torch.device) -> tuple[int, int]:
+    """The token budget and the most samples per batch stage one uses on ``device``."""
+    budget, most = BATCH_LIMITS["cuda" if device.type == "cuda" else "cpu"]
+    return cfg.token_budget or budget, cfg.max_batch or most
+
+
 def plan_settings(
     cfg: CacheConfig, bb: Backbone, n_layers: int, shard_rows: int | None = None
 ) -> PlanSettings:
@@ -57,10 +68,10 @@ def plan_settings(
     row_bytes = bb.hidden_size * itemsize(cfg.dtype) * n_layers
     window_rows = max(1, int(cfg.window_mb * (1 << 20)) // row_bytes)
     if shard_rows is None:
-        return PlanSettings(cfg.token_budget, cfg.max_batch, int(window_rows),
+        return PlanSettings(*batch_limits(cfg, bb.device), int(window_rows),
                             batch_cost=cfg.batch_cost)  # fmt: skip
     rows = aligned_window_rows(int(window_rows), shard_rows)
-    return PlanSettings(cfg.token_budget, cfg.max_batch, rows, aligned=True,
+    return PlanSettings(*batch_limits(cfg, bb.device), rows, aligned=True,
                         batch_cost=cfg.batch_cost)  # fmt: skip
 
 

@@ -151,7 +151,7 @@ CASES = [
         "no backbone streams",
         lambda t, e: cache(e, t / "o", "--streams", "0"),
         "ConfigError",
-        "--streams and --writer-threads must be 1 or more, found 0",
+        "--streams must be 1 or more and --writer-threads 0 (auto) or more, found 0",
     ),
     Case(
         "unknown dtype",

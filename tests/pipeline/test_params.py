@@ -125,7 +125,7 @@ WRONG_TYPES = {
     "cache.dtype": (16, "must be str (like 'bfloat16'), found int 16"),
     "cache.codec": (False, "must be str (like 'blosc-lz4:5'), found bool False"),
     "cache.device": (0, "must be str (like 'auto'), found int 0"),
-    "cache.token_budget": (4096.0, "must be int (like 4096), found float 4096.0"),
+    "cache.token_budget": (4096.0, "must be int (like 0), found float 4096.0"),
     "cache.lst_prune": ("8", "must be int or null, found str '8'"),
     "train.epochs": ("3", "must be int (like 3), found str '3'"),
     "train.batch_size": (True, "must be int (like 32), found bool True"),
@@ -170,8 +170,8 @@ def test_repository_params_build_the_same_configs_as_before() -> None:
         backbone="minilm", data="bbc", split="train", out="proj/stores/bbc-train",
         layers="all", positions="all", dtype="bfloat16", codec="blosc-lz4:5", max_length=128,
         device="auto", overwrite=False, revision=None, limit=None, lst_prune=None,
-        columns=ColumnOptions(None, None, None), token_budget=4096, max_batch=256,
-        batch_cost=64, window_mb=512.0, chunk_mb=4.0, shard_chunks=8, writer_threads=2,
+        columns=ColumnOptions(None, None, None), token_budget=4096, max_batch=0,  # 0: 256 on CPU
+        batch_cost=64, window_mb=512.0, chunk_mb=4.0, shard_chunks=8, writer_threads=0,  # 2
         streams=2, progress=True, shard=None, finalize=False,
     )  # fmt: skip
     dev = cache_config(params, root, "bbc", "dev", progress=False)
