@@ -78,8 +78,8 @@ import torch
 log = logging.getLogger("benchmarks.gpu_check")
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("environment", "gpu_tests", "stage_one", "stage_two", "verify")
-LIMITS_S = {"environment": 30, "gpu_tests": 140, "stage_one": 140, "stage_two": 120, "verify": 50}
-BUDGET_S = 480.0  # all phases together
+LIMITS_S = {"environment": 20, "gpu_tests": 120, "stage_one": 130, "stage_two": 110, "verify": 40}
+BUDGET_S = 420.0  # all phases together
 GRACE_S = 10.0  # a phase process past its limit by this much ends itself (its parent is gone)
 HUGE_MB = 1 << 20  # a RAM budget every store fits (1 TiB)
 MB = 1 << 20
@@ -529,14 +529,21 @@ def _text(raw: str | bytes | None) -> str:
 
 # -- phase: stage one ----------------------------------------------------------------------------
 def extract_pass(prep: Any, streams: int, dtype: str) -> None:
-    """Everything stage one computes for each batch, on the host, and nothing written."""
-    from pipeline.extract import extract_rows, in_streams, make_batch
+    """Everything stage one computes for each batch, on the host, and nothing written: the same
+    path as ``run_cache`` (batches launched ahead on CUDA, threads on the CPU)."""
+    from pipeline.cache import IN_FLIGHT
+    from pipeline.extract import extract_rows, in_flight, in_streams, launch_rows, make_batch
 
-    def one(samples: np.ndarray) -> None:
-        batch = make_batch(prep.tok, np.sort(samples), prep.bb.device)
-        extract_rows(prep.bb, batch, prep.layers, "all", dtype)
+    def build(samples: np.ndarray) -> Any:
+        return make_batch(prep.tok, np.sort(samples), prep.bb.device)
 
-    for _ in in_streams(one, prep.batches, streams):
+    if prep.bb.device.type == "cuda":
+        launch = lambda s: launch_rows(prep.bb, build(s), prep.layers, "all", dtype)  # noqa: E731
+        for _ in in_flight(launch, prep.batches, IN_FLIGHT):
+            pass
+        return
+    for _ in in_streams(lambda s: extract_rows(prep.bb, build(s), prep.layers, "all", dtype),
+                        prep.batches, streams):  # fmt: skip
         pass
 
 
@@ -577,10 +584,6 @@ def prepare_model(ctx: Context, name: str, folder: str, limit: int | None,
 
 def stream_count(ctx: Context, cfg: Any) -> int:
     return int(cfg.streams) if ctx.device == "cpu" else 1  # as run_cache: one stream on CUDA
-
-
-def more_writers() -> int:
-    return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 def measure_model(ctx: Context, name: str, folder: str, limit: int | None, d: dict[str, Any],
@@ -637,8 +640,8 @@ def phase_stage_one(ctx: Context, rec: Recorder) -> None:
         "backbone": folders["minilm"],
         "shape": ctx.sizes.shapes["minilm"],
     }
-    cfg, prep = measure_model(ctx, "minilm", folders["minilm"],
-                              ctx.sizes.stage_one_limits["minilm"], first, rec)  # fmt: skip
+    measure_model(ctx, "minilm", folders["minilm"], ctx.sizes.stage_one_limits["minilm"], first,
+                  rec)  # fmt: skip
     limit, why = scaled_limit(ctx, first, "bert")
     rec.data["bert"] = {"backbone": folders["bert"], "shape": ctx.sizes.shapes["bert"],
                         "limit": limit, "limit_note": why}  # fmt: skip
@@ -650,20 +653,6 @@ def phase_stage_one(ctx: Context, rec: Recorder) -> None:
     if ctx.device.startswith("cuda"):
         torch.cuda.empty_cache()
     rec.save()
-    if ctx.device != "cpu" and more_writers() != cfg.writer_threads:
-        more_writers_arm(ctx, cfg, prep, first)
-        rec.save()
-
-
-def more_writers_arm(ctx: Context, cfg: Any, prep: Any, d: dict[str, Any]) -> None:
-    """Stage one of the first model again with more writer threads, into a store of its own."""
-    if ctx.left() < 2 * d["stage"]["wall_s"] + 10:
-        d["stage_more_writers"] = {"skipped": f"{ctx.left():.0f} s left in the phase"}
-        return
-    wide = dataclasses.replace(cfg, writer_threads=more_writers())
-    out = ctx.stores / "minilm-train-more-writers"
-    d["stage_more_writers"] = stage_arm(ctx, wide, prep, [], out)
-    shutil.rmtree(out, ignore_errors=True)
 
 
 # -- phase: stage two ----------------------------------------------------------------------------

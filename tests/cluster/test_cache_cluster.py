@@ -11,7 +11,7 @@ import dask
 import pytest
 
 from pipeline.cache import CacheConfig
-from pipeline.cluster_cache import ClusterOptions, check_options, local_size
+from pipeline.cluster_cache import ClusterOptions, check_options, local_size, task_resources
 from stages.cache import main as cache_main
 from stages.cli import main as cli_main
 from storage import ConfigError, open_store
@@ -107,3 +107,17 @@ def test_a_local_cluster_shares_the_cores(monkeypatch):
     assert local_size(ClusterOptions("local", 2)) == (2, 4)
     assert local_size(ClusterOptions("local", 16)) == (8, 1)
     assert local_size(ClusterOptions("local", 16, workers=3)) == (3, 2)
+
+
+class FakeClient:
+    def __init__(self, *resources: dict[str, float]):
+        self.workers = {f"tcp://w{i}": {"resources": r} for i, r in enumerate(resources)}
+
+    def scheduler_info(self, n_workers: int = -1) -> dict[str, Any]:
+        return {"workers": self.workers}
+
+
+def test_tasks_ask_for_a_gpu_only_where_workers_declare_gpus():
+    assert task_resources(FakeClient({}, {})) is None
+    assert task_resources(FakeClient({"memory": 4.0})) is None
+    assert task_resources(FakeClient({"GPU": 1.0}, {"GPU": 1.0})) == {"GPU": 1}
