@@ -31,7 +31,7 @@ from pipeline.extract import (
     make_batch,
 )
 from pipeline.prune import lst_prune
-from pipeline.settings import CacheConfig
+from pipeline.settings import AUTO_BATCH_COST, CacheConfig
 from pipeline.shards import n_windows, owned_shards, parse_shard, window_shards
 from pipeline.storeplan import (
     announce,
@@ -89,7 +89,7 @@ def validate(cfg: CacheConfig) -> None:
             f"--streams must be 1 or more and --writer-threads 0 (auto) or more, found "
             f"{cfg.streams} and {cfg.writer_threads}"
         )
-    if cfg.batch_cost is not None and cfg.batch_cost < 0:
+    if cfg.batch_cost is not None and cfg.batch_cost < 0 and cfg.batch_cost != AUTO_BATCH_COST:
         raise ConfigError(f"--batch-cost must be 0 or more token slots, found {cfg.batch_cost}")
     if parse_shard(cfg.shard) is not None and cfg.overwrite:
         raise ConfigError(

@@ -20,10 +20,16 @@ from pipeline.errors import ConfigError
 BATCH_COST = 64
 
 
+AUTO_BATCH_COST = -1  # ``--batch-cost auto``: by device (pipeline.storeplan.batch_limits)
+
+
 def parse_batch_cost(text: str) -> int | None:
-    """``--batch-cost``: a number of token slots, or ``fill`` for the budget-filling cut."""
+    """``--batch-cost``: a number of token slots, ``fill`` for the budget-filling cut, or
+    ``auto`` for the device's default."""
     if text == "fill":
         return None
+    if text == "auto":
+        return AUTO_BATCH_COST
     try:
         return int(text)
     except ValueError:
@@ -85,10 +91,10 @@ class CacheConfig:
     # batches are cut where slots plus this per batch are least
     # (pipeline.tokens.PlanSettings.batch_cost); None: fill each batch to the budget
     batch_cost: int | None = setting(
-        BATCH_COST,
+        AUTO_BATCH_COST,
         "what one more batch costs, in padded token slots: batches are cut where padding plus "
-        "this per batch is least; 'fill' fills each batch to the budget, as stores written "
-        "before this flag did (to resume one of those)",
+        f"this per batch is least; 'fill' fills each batch to the budget; 'auto' (default): "
+        f"{BATCH_COST} on CPU, fill on CUDA (where a batch's fixed cost is many thousand slots)",
         parse=parse_batch_cost,
     )
     # stage one holds a window in RAM until written. MiniLM on SST-2: 0.57% padding (1 GB:

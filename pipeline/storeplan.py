@@ -11,8 +11,9 @@ import torch
 
 from pipeline.backbone import Backbone, device_numerics
 from pipeline.data import TextData, describe
+from pipeline.settings import AUTO_BATCH_COST
 from pipeline.shards import aligned_window_rows
-from pipeline.tokens import PlanSettings, Tokenized, padding_fraction
+from pipeline.tokens import BATCH_COST, PlanSettings, Tokenized, padding_fraction
 from storage import Layout, itemsize, parse_codec
 
 if TYPE_CHECKING:
@@ -60,6 +61,15 @@ def batch_limits(cfg: CacheConfig, device: torch.device) -> tuple[int, int]:
     return cfg.token_budget or budget, cfg.max_batch or most
 
 
+def batch_cost(cfg: CacheConfig, device: torch.device) -> int | None:
+    """``--batch-cost`` on ``device``: as given, or by default the CPU's measured cost
+    (``BATCH_COST`` slots) and on CUDA none at all (fill each batch: a forward's fixed cost
+    there is far more than its padding)."""
+    if cfg.batch_cost != AUTO_BATCH_COST:
+        return cfg.batch_cost
+    return None if device.type == "cuda" else BATCH_COST
+
+
 def plan_settings(
     cfg: CacheConfig, bb: Backbone, n_layers: int, shard_rows: int | None = None
 ) -> PlanSettings:
@@ -69,10 +79,10 @@ def plan_settings(
     window_rows = max(1, int(cfg.window_mb * (1 << 20)) // row_bytes)
     if shard_rows is None:
         return PlanSettings(*batch_limits(cfg, bb.device), int(window_rows),
-                            batch_cost=cfg.batch_cost)  # fmt: skip
+                            batch_cost=batch_cost(cfg, bb.device))  # fmt: skip
     rows = aligned_window_rows(int(window_rows), shard_rows)
     return PlanSettings(*batch_limits(cfg, bb.device), rows, aligned=True,
-                        batch_cost=cfg.batch_cost)  # fmt: skip
+                        batch_cost=batch_cost(cfg, bb.device))  # fmt: skip
 
 
 def identity(

@@ -19,7 +19,7 @@ from pipeline.errors import NonFiniteError
 from pipeline.extract import DeviceBatch, check_finite, gather, row_stats
 from pipeline.verify import run_verify
 from storage import open_store
-from tests.conftest import sentences, small_cache
+from tests.conftest import small_cache, write_glue_sst2
 from tests.gpu.conftest import build_poisoned_bert
 from tests.pipeline.test_cache import assert_same_store, fail_at_batch
 from tests.pipeline.test_kill_resume import FLAGS, cli, shards_done
@@ -81,9 +81,9 @@ def test_a_run_failing_mid_store_resumes_to_the_same_store(device, model_dir, gl
 
 
 def test_a_sigkilled_device_run_resumes_to_the_same_store(device, model_dir, tmp_path):
-    csv_path = tmp_path / "train.csv"
-    csv_path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in sentences(3000, seed=5)))
-    model, data, out = model_dir("bert"), f"csv:{csv_path}", tmp_path / "killed"
+    # GLUE files: read without the datasets package (the device check does not carry it)
+    glue = write_glue_sst2(tmp_path / "data", n_train=3000)
+    model, data, out = model_dir("bert"), f"glue:{glue}", tmp_path / "killed"
     args = ["--backbone", model, "--data", data, "--out", str(out), "--device", device, *FLAGS,
             "--no-progress"]  # fmt: skip
     env, root = dict(os.environ, SIDECACHE_LOG="WARNING"), Path(__file__).parents[2]

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from pipeline.bench import BenchConfig, plan_jobs, summarise, to_markdown
-from stages.cli import main
 from pipeline.errors import ConfigError
+from stages.cli import main
 
 
 @pytest.mark.slow  # five subprocesses, each importing torch and transformers: ~25 s when idle

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import zarr
 
-from stages.cli import main
 from pipeline.train import TrainConfig, run_train
+from stages.cli import main
 from storage import StoreError, open_store
 from tests.conftest import build_bert, small_cache
 

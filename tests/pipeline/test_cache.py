@@ -221,17 +221,22 @@ def assert_same_store(a: Path, b: Path) -> None:
 
 
 def fail_at_batch(monkeypatch: pytest.MonkeyPatch, n: int) -> Any:
-    """Make stage one raise at its ``n``-th batch; returns the real ``extract_rows``."""
+    """Make stage one raise at its ``n``-th batch, on the CPU's path (``extract_rows``) and on
+    CUDA's (``launch_rows``); returns the real ``extract_rows``."""
     real = cache_mod.extract_rows
     calls = {"n": 0}
 
-    def failing(*args: Any, **kwargs: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise RuntimeError("injected failure")
-        return real(*args, **kwargs)
+    def failing(fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise RuntimeError("injected failure")
+            return fn(*args, **kwargs)
 
-    monkeypatch.setattr(cache_mod, "extract_rows", failing)
+        return wrapped
+
+    monkeypatch.setattr(cache_mod, "extract_rows", failing(cache_mod.extract_rows))
+    monkeypatch.setattr(cache_mod, "launch_rows", failing(cache_mod.launch_rows))
     return real
 
 

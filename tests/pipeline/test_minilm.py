@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from stages.cli import main
 from pipeline.verify import run_verify
+from stages.cli import main
 from storage import open_store
 
 

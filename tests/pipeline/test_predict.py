@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from pipeline import metrics
-from stages.cli import main
 from pipeline.data import load_data
 from pipeline.errors import StoreMismatchError
 from pipeline.loader import StoreLoader
 from pipeline.predict import load_predictor, predict
 from pipeline.sidenets import StoreInfo, build, parse_spec
 from pipeline.train import TrainConfig, run_train
+from stages.cli import main
 from storage import open_store
 from tests.conftest import build_bert, small_cache
 
