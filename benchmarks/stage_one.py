@@ -100,7 +100,7 @@ STAGE_PHASES: list[tuple[Any, str, str]] = [
     (extract_mod, "encode", "encode"),
     (StoreWriter, "put", "writer.put"),
     (StoreWriter, "finish", "writer.finish"),
-    (StoreWriter, "_write_shard", "_write_shard (writer threads, summed)"),
+    (StoreWriter, "_write_part", "_write_part (writer threads, summed)"),
 ]
 MAIN_LOOP = ("create_store", "make_batch", "extract_rows", "writer.put", "writer.finish")
 IN_EXTRACT = ("forward", "gather", "check_finite", "row_stats", "encode")
@@ -507,7 +507,7 @@ def phase_tables(fig: dict[str, Any]) -> list[str]:
         )
     )
     writer = STAGE_PHASES[-1][2]
-    rows.append(("_write_shard, writer threads (summed)", writer, None, stage.get(writer)))
+    rows.append(("_write_part, writer threads (summed)", writer, None, stage.get(writer)))
 
     def cell(x: float | None) -> str:
         return "" if x is None else f"{x:.2f}"

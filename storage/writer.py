@@ -255,6 +255,20 @@ class _Shard:
         self.rows, self.filled = rows, 0
 
 
+class _Countdown:
+    """The parts of one shard still being written; thread-safe."""
+
+    def __init__(self, n: int):
+        self._left, self.all_ok, self._lock = n, True, threading.Lock()
+
+    def done(self, ok: bool) -> bool:
+        """Count one part as ended (``ok``: written); True for the last one."""
+        with self._lock:
+            self._left -= 1
+            self.all_ok = self.all_ok and ok
+            return self._left == 0
+
+
 class StoreWriter:
     """Streams :class:`BatchRows` into the shards of an initialised, incomplete store.
 
@@ -385,7 +399,13 @@ class StoreWriter:
             self._slots.acquire()
             with self._spare_lock:
                 self._writing += 1
-            self._futures.append(self._pool.submit(self._write_shard, shard, buf))
+            # one task per array (each layer's part of a shard is a file of its own), so a
+            # shard's layers compress at once; the last part to finish records the shard
+            parts = [*buf.layers, *(buf.scales or [])]
+            left = _Countdown(len(parts))
+            self._futures += [
+                self._pool.submit(self._write_part, shard, buf, k, left) for k in range(len(parts))
+            ]
 
     def _new_shard(self, rows: int) -> _Shard:
         with self._spare_lock:
@@ -401,19 +421,30 @@ class StoreWriter:
             self._buffers += 1
         return _Shard(rows, self.layout)
 
-    def _write_shard(self, shard: int, buf: _Shard) -> None:
+    def _write_part(self, shard: int, buf: _Shard, k: int, left: _Countdown) -> None:
+        """Array ``k``'s part of ``shard`` (a layer's rows, or an int8 layer's scales); the last
+        part written records the shard's ``progress`` row and frees its buffer. A part that
+        fails leaves the shard unrecorded (a resumed run writes it again)."""
+        ok = False
         try:
-            start, stop = self.layout.shard_range(shard)
-            arrays = [*self._arrays, *(self._scales or [])]
-            parts = [*buf.layers, *(buf.scales or [])]
-            for arr, file, rows in zip(arrays, self._files, parts, strict=True):
-                if file is not None:
-                    file.write(shard, rows)
-                else:
-                    arr[start:stop] = rows
-            self._progress[shard] = shard_stats(buf.stats)
-            with self._spare_lock:  # never more buffers than were once in use at the same time
-                self._spare.append(buf)
+            arr, file = [*self._arrays, *(self._scales or [])][k], self._files[k]
+            rows = [*buf.layers, *(buf.scales or [])][k]
+            if file is not None:
+                file.write(shard, rows)
+            else:
+                start, stop = self.layout.shard_range(shard)
+                arr[start:stop] = rows
+            ok = True
+        finally:
+            if left.done(ok):
+                self._end_shard(shard, buf, left.all_ok)
+
+    def _end_shard(self, shard: int, buf: _Shard, ok: bool) -> None:
+        try:
+            if ok:
+                self._progress[shard] = shard_stats(buf.stats)
+                with self._spare_lock:  # never more buffers than were once in use at once
+                    self._spare.append(buf)
         finally:
             with self._spare_lock:
                 self._writing -= 1
