@@ -35,9 +35,9 @@ from pipeline.settings import AUTO_BATCH_COST, CacheConfig
 from pipeline.shards import n_windows, owned_shards, parse_shard, window_shards
 from pipeline.storeplan import (
     announce,
-    batch_limits,
     build_layout,
     identity,
+    plan_defaults,
     plan_settings,
     row_offsets,
     shard_bytes_estimate,
@@ -210,8 +210,8 @@ def _write(
         batch = make_batch(tok, np.sort(samples), bb.device)
         return launch_rows(bb, batch, layers, cfg.positions, cfg.dtype)
 
-    token_budget, max_batch = batch_limits(cfg, bb.device)
-    batch_rows = token_budget if cfg.positions == "all" else max_batch  # at most
+    limits = plan_defaults(cfg, bb.device)
+    batch_rows = limits.token_budget if cfg.positions == "all" else limits.max_batch  # at most
     ahead = int(AHEAD_SHARE * window_shards * layout.shard_rows) // batch_rows  # at least 1
     # CUDA: batches queued on the device while the host writes; CPU: batches on threads
     stream: Generator[BatchRows, None, None] = (

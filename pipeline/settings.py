@@ -85,24 +85,26 @@ class CacheConfig:
     )  # fmt: skip
     columns: ColumnOptions = field(default_factory=ColumnOptions)  # --text-column, ...
     token_budget: int = setting(
-        0, "padded tokens per batch; 0: 4096 on CPU, 65536 on CUDA (a GPU wants big batches)"
+        0, "padded tokens per batch; 0: by device, 4096 on CPU, 65536 on CUDA"
     )
-    max_batch: int = setting(0, "samples per batch at most; 0: 256 on CPU, 4096 on CUDA")
+    max_batch: int = setting(0, "samples per batch at most; 0: by device, 256 on CPU, 4096 on CUDA")
     # batches are cut where slots plus this per batch are least
     # (pipeline.tokens.PlanSettings.batch_cost); None: fill each batch to the budget
     batch_cost: int | None = setting(
         AUTO_BATCH_COST,
         "what one more batch costs, in padded token slots: batches are cut where padding plus "
         f"this per batch is least; 'fill' fills each batch to the budget; 'auto' (default): "
-        f"{BATCH_COST} on CPU, fill on CUDA (where a batch's fixed cost is many thousand slots)",
+        f"{BATCH_COST} on CPU, 4096 on CUDA (where a forward's fixed cost is larger)",
         parse=parse_batch_cost,
     )
-    # stage one holds a window in RAM until written. MiniLM on SST-2: 0.57% padding (1 GB:
+    # stage one holds a window in RAM until written. On CPU, MiniLM on SST-2: 0.57% padding (1 GB:
     # 0.31%, 256 MB: 1.7%); half of 1 GB's fresh memory, which costs more than the padding
     # saved (`stage_one_ablation --window-mb 1024 --arms stage,halfwindow`), and less to
     # compress after the last batch
     window_mb: float = setting(
-        512.0, "samples are length-sorted within windows of this many stored MB"
+        0.0,
+        "samples are length-sorted within windows of this many stored MB, held in RAM until "
+        "written; 0: by device, 512 on CPU, 2048 on CUDA",
     )
     chunk_mb: float = setting(4.0, "target chunk size")
     shard_chunks: int = setting(8, "chunks per shard file")

@@ -4,6 +4,7 @@ store records, and the announcement of the planned work and its size on disk."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -50,24 +51,37 @@ def build_layout(
     )
 
 
-# ``--token-budget`` and ``--max-batch`` when left at 0, by device type: small batches keep a
-# CPU's caches warm; a GPU needs tens of thousands of tokens per forward to be busy
-BATCH_LIMITS = {"cpu": (4096, 256), "cuda": (65536, 4096)}
+@dataclass(frozen=True)
+class PlanDefaults:
+    """What stage one plans with where ``--token-budget``, ``--max-batch``, ``--window-mb`` are
+    left at 0 and ``--batch-cost`` at ``auto``."""
+
+    token_budget: int
+    max_batch: int
+    batch_cost: int | None
+    window_mb: float
 
 
-def batch_limits(cfg: CacheConfig, device: torch.device) -> tuple[int, int]:
-    """The token budget and the most samples per batch stage one uses on ``device``."""
-    budget, most = BATCH_LIMITS["cuda" if device.type == "cuda" else "cpu"]
-    return cfg.token_budget or budget, cfg.max_batch or most
+# By device type. A CPU keeps its caches warm with small batches, and its measured cost of one
+# more batch is BATCH_COST slots. On a GPU a forward pass has a fixed host cost of thousands of
+# token slots (benchmarks.stage_one_profile), so batches are big, cut where padding plus 4096
+# slots per batch is least, inside larger sort windows (less padding, more shards to compress at
+# once; a GPU host has the memory).
+PLAN_DEFAULTS = {
+    "cpu": PlanDefaults(token_budget=4096, max_batch=256, batch_cost=BATCH_COST, window_mb=512.0),
+    "cuda": PlanDefaults(token_budget=65536, max_batch=4096, batch_cost=4096, window_mb=2048.0),
+}
 
 
-def batch_cost(cfg: CacheConfig, device: torch.device) -> int | None:
-    """``--batch-cost`` on ``device``: as given, or by default the CPU's measured cost
-    (``BATCH_COST`` slots) and on CUDA none at all (fill each batch: a forward's fixed cost
-    there is far more than its padding)."""
-    if cfg.batch_cost != AUTO_BATCH_COST:
-        return cfg.batch_cost
-    return None if device.type == "cuda" else BATCH_COST
+def plan_defaults(cfg: CacheConfig, device: torch.device) -> PlanDefaults:
+    """``cfg``'s planning settings on ``device``, the device's defaults where left unset."""
+    auto = PLAN_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    return PlanDefaults(
+        token_budget=cfg.token_budget or auto.token_budget,
+        max_batch=cfg.max_batch or auto.max_batch,
+        batch_cost=auto.batch_cost if cfg.batch_cost == AUTO_BATCH_COST else cfg.batch_cost,
+        window_mb=cfg.window_mb or auto.window_mb,
+    )
 
 
 def plan_settings(
@@ -75,14 +89,14 @@ def plan_settings(
 ) -> PlanSettings:
     """Windows of ``--window-mb``; given ``shard_rows``, rounded down to whole shards and
     aligned to them (what stage one uses, so ``--shard I/N`` workers can split the plan)."""
+    plan = plan_defaults(cfg, bb.device)
     row_bytes = bb.hidden_size * itemsize(cfg.dtype) * n_layers
-    window_rows = max(1, int(cfg.window_mb * (1 << 20)) // row_bytes)
+    window_rows = max(1, int(plan.window_mb * (1 << 20)) // row_bytes)
+    limits = (plan.token_budget, plan.max_batch)
     if shard_rows is None:
-        return PlanSettings(*batch_limits(cfg, bb.device), int(window_rows),
-                            batch_cost=batch_cost(cfg, bb.device))  # fmt: skip
+        return PlanSettings(*limits, int(window_rows), batch_cost=plan.batch_cost)
     rows = aligned_window_rows(int(window_rows), shard_rows)
-    return PlanSettings(*batch_limits(cfg, bb.device), rows, aligned=True,
-                        batch_cost=batch_cost(cfg, bb.device))  # fmt: skip
+    return PlanSettings(*limits, rows, aligned=True, batch_cost=plan.batch_cost)
 
 
 def identity(

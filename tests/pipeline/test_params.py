@@ -171,7 +171,7 @@ def test_repository_params_build_the_same_configs_as_before() -> None:
         layers="all", positions="all", dtype="bfloat16", codec="blosc-lz4:5", max_length=128,
         device="auto", overwrite=False, revision=None, limit=None, lst_prune=None,
         columns=ColumnOptions(None, None, None), token_budget=4096, max_batch=0,  # 0: 256 on CPU
-        batch_cost=-1, window_mb=512.0, chunk_mb=4.0, shard_chunks=8, writer_threads=0,  # 64, 2
+        batch_cost=-1, window_mb=0.0, chunk_mb=4.0, shard_chunks=8, writer_threads=0,  # by device
         streams=2, progress=True, shard=None, finalize=False,
     )  # fmt: skip
     dev = cache_config(params, root, "bbc", "dev", progress=False)
