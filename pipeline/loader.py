@@ -329,11 +329,13 @@ class StoreLoader:
             self.reader.layout.dtype,
             None if scales is None else scales.reshape(r * n_layers),
         ).reshape(r, n_layers, d)
+        sizes = [len(s.rows) for s in items]
         batch = SideBatch(
             hidden=torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)),
-            lengths=torch.tensor([len(s.rows) for s in items], dtype=torch.int64),
+            lengths=torch.tensor(sizes, dtype=torch.int64),
             labels=torch.from_numpy(self.labels[samples]),
             samples=torch.from_numpy(samples),
+            longest=max(sizes),
         )
         # on the loader's thread, so the training loop's copy to the GPU does not wait for it
         return batch.pinned() if self.pin_memory else batch

@@ -81,7 +81,8 @@ class ResidentLoader:
         for k in range(len(batches)):
             a, b = int(cut[k]), int(cut[k + 1])
             idx = rows_d[int(first_row[a]) : int(first_row[b])]
-            yield SideBatch(self._decode(idx), lengths_d[a:b], labels_d[a:b], samples_d[a:b])
+            yield SideBatch(self._decode(idx), lengths_d[a:b], labels_d[a:b], samples_d[a:b],
+                            longest=int(lengths[a:b].max()))  # fmt: skip
 
     def _decode(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` as float32 ``(R, L, D)``: the same values as ``storage.decode_rows``."""

@@ -6,6 +6,7 @@ Side networks import nothing from ``transformers``: they only ever see cached te
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,16 +71,27 @@ class SideBatch:
     lengths: torch.Tensor  # (B,) int64 rows per sample (all ones for single-position stores)
     labels: torch.Tensor  # (B,) int64 or float32
     samples: torch.Tensor  # (B,) int64 sample indices in the store
+    # max(lengths) where the batch was cut on the host (the loaders), so a GPU batch needs no
+    # sync to learn it; 0 = not known (read from ``lengths`` when needed)
+    longest: int = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.longest or int(self.lengths.max())
 
     def to(self, device: torch.device) -> SideBatch:
         """On ``device``; the copies run asynchronously when this batch is :meth:`pinned`."""
-        return SideBatch(*(t.to(device, non_blocking=True) for t in
-                           (self.hidden, self.lengths, self.labels, self.samples)))  # fmt: skip
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def pinned(self) -> SideBatch:
         """A copy in page-locked host memory (what makes :meth:`to` a GPU asynchronous)."""
-        return SideBatch(*(t.pin_memory() for t in
-                           (self.hidden, self.lengths, self.labels, self.samples)))  # fmt: skip
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> SideBatch:
+        hidden, lengths, labels, samples = (
+            fn(t) for t in (self.hidden, self.lengths, self.labels, self.samples)
+        )
+        return SideBatch(hidden, lengths, labels, samples, longest=self.longest)
 
     @property
     def starts(self) -> torch.Tensor:  # (B,) first row of each sample
@@ -92,22 +104,35 @@ class SideBatch:
         if max_rows <= 0 or self.hidden.shape[0] <= max_rows:
             return [self]
         cuts, row = [(0, 0)], 0  # (first sample, first row) of each group, then the end
-        for i, n in enumerate(self.lengths.tolist()):
+        sizes = self.lengths.tolist()
+        for i, n in enumerate(sizes):
             if row > cuts[-1][1] and row + n - cuts[-1][1] > max_rows:
                 cuts.append((i, row))
             row += n
         cuts.append((len(self.lengths), row))
         return [
-            SideBatch(self.hidden[r:q], self.lengths[a:b], self.labels[a:b], self.samples[a:b])
+            SideBatch(
+                self.hidden[r:q],
+                self.lengths[a:b],
+                self.labels[a:b],
+                self.samples[a:b],
+                longest=max(sizes[a:b]),
+            )
             for (a, r), (b, q) in itertools.pairwise(cuts)
         ]
 
     def padded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(R, ...)`` -> ``(B, T, ...)`` zero-padded, plus the ``(B, T)`` mask of real rows."""
-        b, t = len(self.lengths), int(self.lengths.max())
-        mask = torch.arange(t, device=rows.device)[None, :] < self.lengths[:, None]
-        out = rows.new_zeros((b, t, *rows.shape[1:]))
-        out[mask] = rows
+        """``(R, ...)`` -> ``(B, T, ...)`` zero-padded, plus the ``(B, T)`` mask of real rows.
+        Rows are placed by computed indices, not by the mask (a boolean index syncs a GPU)."""
+        b, t, r = len(self.lengths), self.max_length, rows.shape[0]
+        lengths = self.lengths.to(rows.device)
+        mask = torch.arange(t, device=rows.device)[None, :] < lengths[:, None]
+        owner = torch.repeat_interleave(torch.arange(b, device=rows.device), lengths,
+                                        output_size=r)  # fmt: skip
+        within = torch.arange(r, device=rows.device) - (torch.cumsum(lengths, 0) - lengths)[owner]
+        out = rows.new_zeros((b * t, *rows.shape[1:]))
+        out[owner * t + within] = rows
+        out = out.view(b, t, *rows.shape[1:])
         return out, mask
 
 

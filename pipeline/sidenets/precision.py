@@ -80,7 +80,7 @@ def padded(batch: SideBatch) -> SideBatch:
     extra = bucket(rows) - rows
     if extra == 0:
         return batch
-    longest = max(1, int(batch.lengths.max()))
+    longest = max(1, batch.max_length)
     sizes = [longest] * (extra // longest) + ([extra % longest] if extra % longest else [])
     n = len(sizes)
     return SideBatch(
@@ -89,4 +89,5 @@ def padded(batch: SideBatch) -> SideBatch:
                                                        device=batch.lengths.device)]),
         labels=torch.cat([batch.labels, batch.labels[:1].expand(n)]),
         samples=torch.cat([batch.samples, batch.samples[:1].expand(n)]),
+        longest=longest,
     )  # fmt: skip

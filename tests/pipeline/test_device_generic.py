@@ -137,3 +137,29 @@ def test_tolerance_is_a_share_of_the_stored_rms():
 def test_no_gpu_no_energy():
     assert _gpu_energy_mj(CPU) is None
     assert _gpu_energy_mj(None) is None
+
+
+def test_padding_by_index_equals_padding_by_mask_values_and_gradients():
+    torch.manual_seed(1)
+    lengths = torch.tensor([2, 5, 1, 3])
+    rows = torch.randn(int(lengths.sum()), 6, requires_grad=True)
+    labels = torch.zeros(4, dtype=torch.long)
+    for longest in (0, 5):  # unknown (read from lengths) and given by the loader
+        batch = SideBatch(rows.detach(), lengths, labels, torch.arange(4), longest=longest)
+        out, mask = batch.padded(rows)
+        want = rows.new_zeros((4, 5, 6))
+        want[torch.arange(5)[None, :] < lengths[:, None]] = rows
+        assert torch.equal(out, want) and torch.equal(mask, torch.arange(5) < lengths[:, None])
+        (grad,) = torch.autograd.grad((out * torch.arange(30.0).view(1, 5, 6)).sum(), rows)
+        (ref,) = torch.autograd.grad((want * torch.arange(30.0).view(1, 5, 6)).sum(), rows)
+        assert torch.equal(grad, ref)
+
+
+def test_loaders_batches_know_their_longest_sample():
+    batch = SideBatch(
+        torch.zeros(6, 1, 2), torch.tensor([1, 4, 1]), torch.zeros(3), torch.arange(3)
+    )
+    assert batch.max_length == 4 and batch.longest == 0
+    parts = batch.split(4)
+    assert [p.longest for p in parts] == [1, 4, 1]
+    assert batch.to(CPU).longest == 0
