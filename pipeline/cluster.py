@@ -34,9 +34,8 @@ def worker_environ(threads: int) -> dict[str, Any]:
     and ``threads`` for the BLAS/OpenMP thread pools (torch's intra-op threads).
 
     Dask sets ``MALLOC_TRIM_THRESHOLD_`` to 64 KiB so workers hand freed memory back to the OS at
-    once; the loader frees and reallocates batch-sized arrays all the time, and with it a sweep
-    unit took 10x the page faults, 4x the system time and 37% more CPU-seconds (measured,
-    BENCHMARKS.md).
+    once; the loader frees and reallocates batch-sized arrays all the time, so with it a sweep
+    unit spends its time in page faults and system calls.
     """
     import dask
 

@@ -39,9 +39,9 @@ def lean_malloc(threshold: int = 128 << 10) -> bool:
 
     By default glibc raises this threshold (up to 32 MB) each time such a block is freed, so later
     batch-sized buffers (decoded batches, activations, gradients) come from the heap and their
-    pages stay resident after they are freed. Fixing it at glibc's initial 128 KiB measured 38 MB
-    less peak RSS for one epoch of READ on CoLA (BENCHMARKS.md), at the cost of page faults for
-    every large buffer."""
+    pages stay resident after they are freed. Fixing it at glibc's initial 128 KiB lowers the
+    peak RSS of a stage-two run (`python -m benchmarks.read_memory`), at the cost of page faults
+    for every large buffer."""
     libc = _glibc()
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 

@@ -12,8 +12,7 @@ Grouping: with P = tasks x seeds passes and W workers, each pass's specs are spl
 ``min(K, ceil(W / P))`` groups (or ``per_pass`` networks at most), balanced by trainable
 parameters (longest first onto the lightest group), so passes keep sharing reads when there are
 enough of them to fill the cluster and are split only when there are not. Splitting is not free:
-every group reads and decodes the store again (measured: a 6-network pass cut in two cost 2.4x
-the CPU-seconds, see BENCHMARKS.md).
+every group reads and decodes the store again.
 """
 
 from __future__ import annotations
