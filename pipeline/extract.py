@@ -58,17 +58,19 @@ def _upload(x: Any, device: torch.device) -> torch.Tensor:
 
 def make_batch(tok: Tokenized, samples: np.ndarray, device: torch.device) -> DeviceBatch:
     """Right-padded batch of the given samples (pad id 0; padding is masked everywhere)."""
+    samples = np.asarray(samples, dtype=np.int64)
     lengths = tok.lengths[samples]
     width = int(lengths.max())
-    ids = np.zeros((len(samples), width), dtype=np.int64)
-    mask = np.zeros((len(samples), width), dtype=np.int64)
-    types = np.zeros((len(samples), width), dtype=np.int64) if tok.type_ids is not None else None
-    for row, s in enumerate(samples):
-        seq, seg = tok.sample(int(s))
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-        if types is not None and seg is not None:
-            types[row, : len(seq)] = seg
+    real = np.arange(width)[None, :] < lengths[:, None]  # (B, T)
+    # every slot's index into the packed tokens (a pad slot reads a sample's first token)
+    where = np.where(real, tok.offsets[samples][:, None] + np.arange(width)[None, :], 0)
+    if len(tok.ids):
+        where = np.minimum(where, len(tok.ids) - 1)
+    ids = np.where(real, tok.ids[where], 0).astype(np.int64)
+    mask = real.astype(np.int64)
+    types = None
+    if tok.type_ids is not None:
+        types = np.where(real, tok.type_ids[where], 0).astype(np.int64)
     padded = bool((lengths < width).any())
     return DeviceBatch(
         samples=np.asarray(samples, dtype=np.int64),

@@ -139,3 +139,29 @@ def test_launched_rows_equal_extracted_rows(model_dir, glue_dir):
             assert (g.scales is None) == (w.scales is None)
             for a, b in zip(g.scales or [], w.scales or [], strict=True):
                 assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("with_types", [False, True])
+def test_make_batch_pads_each_sample_as_a_per_sample_copy_would(with_types):
+    from pipeline.extract import make_batch
+    from pipeline.tokens import Tokenized
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=200)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    types = rng.integers(0, 2, size=offsets[-1]).astype(np.int8) if with_types else None
+    tok = Tokenized(rng.integers(1, 999, size=offsets[-1]).astype(np.int32), types, offsets)
+    for samples in (np.array([3]), np.sort(rng.choice(200, 37, replace=False)), np.arange(200)):
+        batch = make_batch(tok, samples, torch.device("cpu"))
+        width = int(lengths[samples].max())
+        for row, s in enumerate(samples):
+            seq, seg = tok.sample(int(s))
+            n = len(seq)
+            assert np.array_equal(batch.input_ids[row].numpy(), np.pad(seq, (0, width - n)))
+            assert batch.attention_mask[row].tolist() == [1] * n + [0] * (width - n)
+            if seg is not None:
+                assert batch.token_type_ids is not None
+                assert np.array_equal(
+                    batch.token_type_ids[row].numpy(), np.pad(seg, (0, width - n))
+                )
+        assert (batch.token_type_ids is None) == (not with_types)
