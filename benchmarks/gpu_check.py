@@ -823,7 +823,15 @@ def verify_on(path: Path, device: str, samples: int, checksums: bool) -> dict[st
     except VerifyError as exc:
         out = {"passed": False, "error": str(exc)[:2000], **layer_errors(path, samples, device)}
         return {**out, "seconds": time.perf_counter() - started}
-    keys = ("samples_checked", "exact", "inexact_reason", "max_abs_error_vs_float32", "checksums")
+    keys = (
+        "samples_checked",
+        "exact",
+        "inexact_reason",
+        "max_abs_error_vs_float32",
+        "max_error_in_rms",
+        "tolerance_in_rms",
+        "checksums",
+    )
     return {"passed": True, **{k: report.get(k) for k in keys},
             "seconds": time.perf_counter() - started}  # fmt: skip
 
