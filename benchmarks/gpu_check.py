@@ -596,6 +596,9 @@ def measure_model(ctx: Context, name: str, folder: str, limit: int | None, d: di
     cfg, prep = prepare_model(ctx, name, folder, limit, d)
     rec.save()
     streams, n = d["streams"], prep.n_tokens
+    # twice: the first pass over the plan meets every batch shape for the first time (kernel
+    # choices, allocator growth; 1.74 s against 0.46 s for a warm pass in stage_one_profile)
+    d["forward_cold"], _ = measure(ctx.device, n, lambda: forward_pass(prep, None, streams))
     d["forward"], _ = measure(ctx.device, n, lambda: forward_pass(prep, None, streams))
     rec.save()
     d["extract"], _ = measure(ctx.device, n, lambda: extract_pass(prep, streams, cfg.dtype))
