@@ -44,7 +44,7 @@ def checkpoint(m: Member, info: StoreInfo, identity: dict[str, Any], full: bool)
     state: dict[str, Any] = {
         "kind": m.spec.kind,
         "spec": m.spec.text,
-        "model_config": dataclasses.asdict(m.spec.config()),
+        "model_config": m.spec.model_config(),
         "train_settings": dataclasses.asdict(m.spec.train),
         "store_info": info.to_json(),
         "store_identity": identity,

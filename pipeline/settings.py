@@ -138,7 +138,8 @@ class TrainConfig:
     train: str = setting(help="store of the training split")
     eval: str = setting(help="store of the evaluation split")
     specs: list[str] = setting(
-        help="KIND[:key=value,...], e.g. read:hidden=128,lr=1e-3; repeat for more",
+        help="KIND[:key=value,...], e.g. read:hidden=128,lr=1e-3 (kinds read, lst, linear, mlp, "
+        "or MODULE.CLASS for your own nn.Module); repeat for more",
         flag="--sidenet", metavar="SPEC", append=True, fallback=[],
     )  # fmt: skip
     epochs: int = setting(help="passes over the training store", fallback=3)

@@ -78,7 +78,7 @@ class Member:
 
 
 def member_names(specs: list[SideSpec]) -> list[str]:
-    base = [s.train.name or s.kind for s in specs]
+    base = [s.train.name or s.default_name for s in specs]
     names = [b if base.count(b) == 1 else f"{b}-{base[:i].count(b)}" for i, b in enumerate(base)]
     if len(set(names)) != len(names):
         raise ConfigError(f"side network names collide: {names}; set name=... in --sidenet")
@@ -246,9 +246,18 @@ Loader = StoreLoader | ResidentLoader
 
 def make_loaders(cfg: TrainConfig, train: StoreReader, evaluation: StoreReader, eval_batch: int,
                  device: torch.device) -> tuple[Loader, Loader]:  # fmt: skip
-    """The train and eval loaders: on CUDA, both stores resident on the GPU when their stored
-    rows fit ``device_budget_mb``; otherwise read on the host (in RAM when they fit
-    ``ram_budget_mb``, else streamed), into pinned memory when training on CUDA."""
+    """The train and eval loaders (:func:`store_loaders`)."""
+    stores = [(train, cfg.batch_size, True), (evaluation, eval_batch, False)]
+    loader, eval_loader = store_loaders(cfg, stores, device)
+    return loader, eval_loader
+
+
+def store_loaders(cfg: TrainConfig, stores: list[tuple[StoreReader, int, bool]],
+                  device: torch.device) -> list[Loader]:  # fmt: skip
+    """Loaders of ``(store, batch size, shuffled)``: on CUDA, all resident on the GPU when their
+    stored rows fit ``device_budget_mb``; otherwise read on the host (in RAM when they fit
+    ``ram_budget_mb``, else streamed), into pinned memory when training on CUDA. Shuffled ones
+    follow ``cfg.seed``. (:class:`pipeline.dataset.StoreDataset` serves the train store's.)"""
     memory: dict[str, Any] = {
         "ram_budget": cfg.ram_budget_mb << 20,
         "pool_bytes": cfg.pool_mb << 20,
@@ -256,23 +265,23 @@ def make_loaders(cfg: TrainConfig, train: StoreReader, evaluation: StoreReader, 
         "pin_memory": device.type == "cuda",
     }
 
-    def pair(**extra: Any) -> tuple[StoreLoader, StoreLoader]:
+    def on_host(**extra: Any) -> list[StoreLoader]:
         settings = {**memory, **extra}
-        return (StoreLoader(train, cfg.batch_size, shuffle=True, seed=cfg.seed, **settings),
-                StoreLoader(evaluation, eval_batch, shuffle=False, **settings))  # fmt: skip
+        return [StoreLoader(reader, size, shuffle=shuffle, seed=cfg.seed if shuffle else 0,
+                            **settings) for reader, size, shuffle in stores]  # fmt: skip
 
     if device.type != "cuda":
-        return pair()
-    host = pair(ram_budget=0)  # reads nothing yet
+        return list(on_host())
+    host = on_host(ram_budget=0)  # reads nothing yet
     need = sum(resident_bytes(x) for x in host)
     budget = cfg.device_budget_mb << 20
     if cfg.device_budget_mb < 0:
         budget = torch.cuda.mem_get_info(device)[0] // 2
     if need <= budget:
-        return ResidentLoader(host[0], device), ResidentLoader(host[1], device)
+        return [ResidentLoader(x, device) for x in host]
     log.info("stores need %.1f MB on the GPU, over the budget of %.1f MB (--device-budget-mb): "
              "reading them on the host", need / 1e6, budget / 1e6)  # fmt: skip
-    return pair()
+    return list(on_host())
 
 
 def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:

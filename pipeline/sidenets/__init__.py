@@ -1,8 +1,11 @@
-"""Side networks, registered by name: ``read``, ``lst``, ``linear``, ``mlp``.
+"""Side networks, registered by name: ``read``, ``lst``, ``linear``, ``mlp``; or your own, named by
+import path (``mypkg.heads.MyHead``, :mod:`pipeline.sidenets.custom`).
 
-A spec is ``KIND[:key=value,...]``. Keys that are fields of the kind's config dataclass size the
-network; ``lr``, ``weight_decay``, ``warmup``, ``patience``, ``seed``, ``precision`` and ``name``
-are training settings (see :class:`TrainSettings`).
+A spec is ``KIND[:key=value,...]``. Keys that are fields of the kind's config dataclass (for your
+own class: its constructor's parameters) size the network; ``lr``, ``weight_decay``, ``warmup``,
+``patience``, ``seed``, ``precision`` and ``name`` are training settings (see
+:class:`TrainSettings`). What a network is given: :class:`StoreInfo` when it is built,
+:class:`SideBatch` per forward.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import ConfigError, StoreMismatchError
+from pipeline.sidenets import custom
 from pipeline.sidenets.base import SideBatch, StoreInfo, loss_fn
+from pipeline.sidenets.custom import SideNetError
 from pipeline.sidenets.lst import Lst, LstConfig
 from pipeline.sidenets.precision import PRECISIONS, Autocast
 from pipeline.sidenets.probes import Probe, ProbeConfig
@@ -57,8 +62,26 @@ class SideSpec:
     train: TrainSettings
     text: str
 
+    @property
+    def is_custom(self) -> bool:
+        """Whether ``kind`` is an import path (``mypkg.heads.MyHead``), not a registered kind."""
+        return custom.is_import_path(self.kind)
+
+    @property
+    def default_name(self) -> str:
+        """The network's name when the spec sets no ``name=``: the kind, or for a class named by
+        import path its name lower-cased."""
+        return custom.default_name(self.kind) if self.is_custom else self.kind
+
     def config(self) -> Any:
+        """The registered kind's config dataclass (for a class named by import path, see
+        :meth:`model_config`)."""
         return REGISTRY[self.kind].config(**self.model)
+
+    def model_config(self) -> dict[str, Any]:
+        """What sizes the network, as checkpoints record it: the config dataclass's fields, or
+        the keyword arguments a class named by import path is built with."""
+        return dict(self.model) if self.is_custom else dataclasses.asdict(self.config())
 
 
 def cast_value(value: str, like: Any, key: str, spec: str, flag: str = "--sidenet") -> Any:
@@ -78,19 +101,19 @@ def cast_value(value: str, like: Any, key: str, spec: str, flag: str = "--sidene
 def parse_spec(text: str) -> SideSpec:
     """``read:hidden=128,lr=1e-3`` -> :class:`SideSpec`; unknown kinds or keys are refused."""
     kind, _, rest = text.partition(":")
-    kind = kind.strip().lower()
+    kind = kind.strip()
+    if custom.is_import_path(kind):
+        return parse_custom(kind, rest, text)
+    kind = kind.lower()
     if kind not in REGISTRY:
         raise ConfigError(f"unknown side network {kind!r} in --sidenet {text!r}: expected one of "
-                          f"{', '.join(REGISTRY)}")  # fmt: skip
+                          f"{', '.join(REGISTRY)} or an import path MODULE.CLASS")  # fmt: skip
     entry = REGISTRY[kind]
     model_defaults = {f.name: f.default for f in dataclasses.fields(entry.config)}
     model_defaults.update(entry.defaults)
     train = TrainSettings()
     model = dict(entry.defaults)
-    for item in filter(None, (x.strip() for x in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"--sidenet {text!r}: expected key=value, found {item!r}")
+    for key, value in spec_items(rest, text):
         if key in model_defaults:
             model[key] = cast_value(value, model_defaults[key], key, text)
         elif hasattr(train, key):
@@ -98,10 +121,43 @@ def parse_spec(text: str) -> SideSpec:
         else:
             keys = sorted([*model_defaults, *vars(train)])
             raise ConfigError(f"--sidenet {text!r}: unknown key {key!r}; {kind} takes {keys}")
+    check_precision(train, text)
+    return SideSpec(kind, model, train, text)
+
+
+def parse_custom(kind: str, rest: str, text: str) -> SideSpec:
+    """A spec whose kind is an import path: training keys go to :class:`TrainSettings`, the
+    others to the class's constructor, typed by its signature (:class:`custom.Params`)."""
+    params = custom.Params(custom.resolve(kind, text), text)
+    train, model = TrainSettings(), {}
+    for key, value in spec_items(rest, text):
+        if hasattr(train, key):
+            try:
+                setattr(train, key, cast_value(value, getattr(train, key), key, text))
+            except ConfigError as exc:
+                raise SideNetError(str(exc)) from None
+        else:
+            model[key] = params.cast(key, value)
+    params.check_required(model)
+    check_precision(train, text)
+    return SideSpec(kind, model, train, text)
+
+
+def spec_items(rest: str, text: str) -> list[tuple[str, str]]:
+    """The ``key=value`` pairs after a spec's kind."""
+    items = []
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"--sidenet {text!r}: expected key=value, found {item!r}")
+        items.append((key, value))
+    return items
+
+
+def check_precision(train: TrainSettings, text: str) -> None:
     if train.precision not in PRECISIONS:
         raise ConfigError(f"--sidenet {text!r}: precision must be one of {', '.join(PRECISIONS)}; "
                           f"found {train.precision!r}")  # fmt: skip
-    return SideSpec(kind, model, train, text)
 
 
 def init_from_store(net: nn.Module, read: Callable[[str], np.ndarray] | None) -> None:
@@ -124,11 +180,16 @@ def init_from_store(net: nn.Module, read: Callable[[str], np.ndarray] | None) ->
 
 def build(spec: SideSpec, info: StoreInfo) -> nn.Module:
     """The side network of ``spec``; wrapped in :class:`Autocast` unless it computes in float32,
-    so training, evaluation and prediction all compute alike."""
-    net = REGISTRY[spec.kind].build(info, spec.config())
+    so training, evaluation and prediction all compute alike. A class named by import path is
+    built as ``CLASS(info, **spec.model)`` and checked on a probe batch
+    (:func:`custom.construct`)."""
+    if spec.is_custom:
+        net = custom.construct(custom.resolve(spec.kind, spec.text), info, spec.model, spec.text)
+    else:
+        net = REGISTRY[spec.kind].build(info, spec.config())
     dtype = PRECISIONS[spec.train.precision]
     return net if dtype == torch.float32 else Autocast(net, dtype)
 
 
-__all__ = ["REGISTRY", "SideBatch", "SideSpec", "StoreInfo", "TrainSettings", "build",
-           "init_from_store", "loss_fn", "parse_spec"]  # fmt: skip
+__all__ = ["REGISTRY", "SideBatch", "SideNetError", "SideSpec", "StoreInfo", "TrainSettings",
+           "build", "init_from_store", "loss_fn", "parse_spec"]  # fmt: skip

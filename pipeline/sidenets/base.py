@@ -18,7 +18,24 @@ from storage import StoreMismatchError
 
 @dataclass(frozen=True)
 class StoreInfo:
-    """The facts about a store that shape a side network."""
+    """The facts about a store that shape a side network: what ``build`` passes to every side
+    network's constructor (``MyHead(info, **kwargs)`` for one of your own).
+
+    * ``hidden_size``: ``D``, the width of every stored row.
+    * ``layers``: the stored hidden-state indices, ascending; ``0`` is the embedding output and
+      ``i`` the output of block ``i``. ``SideBatch.hidden[:, j]`` holds layer ``layers[j]``
+      (:func:`layer_index` maps a layer, negative from the end, to ``j``).
+    * ``positions``: which rows a sample has. ``all``: one per real (non-pad) token, in token
+      order, first token first; ``first`` / ``last``: one, the first / last real token's;
+      ``mean``: one, the mean over the real tokens.
+    * ``pooling``: the backbone's own pooling (``first`` for BERT-style encoders, ``last`` for
+      decoders, ``mean`` for MiniLM), the usual default of a head's ``pool``.
+    * ``num_heads``: the backbone's attention heads; ``causal``: whether it is a decoder.
+    * ``task``: ``{"name", "type": "classification" | "regression", "num_labels",
+      "label_names"}``; :attr:`num_outputs` is the width ``C`` a network's output must have.
+    * ``dtype``: the stored dtype; rows arrive as float32 with its rounding already applied.
+    * ``lst_prune``: the ``r`` of the pruned-backbone copy stored (``--lst-prune``), or None.
+    """
 
     hidden_size: int
     layers: tuple[int, ...]  # stored hidden-state indices, ascending
@@ -65,7 +82,27 @@ class StoreInfo:
 
 @dataclass
 class SideBatch:
-    """``B`` samples' rows back to back: sample ``i`` owns ``lengths[i]`` consecutive rows."""
+    """``B`` samples' rows back to back: sample ``i`` owns ``lengths[i]`` consecutive rows.
+
+    What a side network's ``forward(batch)`` gets; it returns ``(B, C)``, one row per sample
+    in batch order (``C = info.num_outputs``). All tensors are on the training device.
+
+    * ``hidden``: ``(R, L, D)`` float32, ``R = lengths.sum()``, ``L = len(info.layers)``,
+      ``D = info.hidden_size``. Sample ``i``'s rows are
+      ``hidden[starts[i] : starts[i] + lengths[i]]`` (:attr:`starts`), in token order when the
+      store holds every position; :meth:`padded` gives ``(B, T, L, D)`` plus a ``(B, T)`` mask.
+    * ``lengths``: ``(B,)`` int64, rows per sample: its real tokens for ``positions=all``,
+      otherwise all ones.
+    * ``labels``: ``(B,)`` int64 class ids, or float32 targets for regression (zeros in
+      ``sidecache predict``, where they are unknown).
+    * ``samples``: ``(B,)`` int64, each sample's index in the store (its dataset order).
+    * ``longest``: ``max(lengths)`` when the loader knew it (0: not known; :attr:`max_length`).
+
+    Training batches are shuffled (:mod:`pipeline.loader`); evaluation and prediction pass
+    consecutive samples in store order. With ``precision=bfloat16`` a batch may end in
+    zero-filled pseudo-samples whose outputs are dropped, so a network must compute each
+    sample's output from that sample's rows alone (no statistics across the batch).
+    """
 
     hidden: torch.Tensor  # (R, L, D) float32, L = the store's layers in order
     lengths: torch.Tensor  # (B,) int64 rows per sample (all ones for single-position stores)
