@@ -70,6 +70,7 @@ class StoreLoader:
         self.layers = list(reader.layout.layers)
         self.offsets = reader.offsets
         self.labels = reader.labels
+        self.segments = row_segments(reader)  # (n_rows,) int8 of a sentence-pair store, or None
         self.prefetch, self.pin_memory = prefetch, pin_memory
         # blocks follow the token axis (= the row axis of an ``all`` store), so a single-position
         # store of the same data gets the same blocks and hence the same batches
@@ -330,15 +331,35 @@ class StoreLoader:
             None if scales is None else scales.reshape(r * n_layers),
         ).reshape(r, n_layers, d)
         sizes = [len(s.rows) for s in items]
+        segments = None
+        if self.segments is not None:
+            offs = self.offsets
+            segments = torch.from_numpy(
+                np.concatenate([self.segments[offs[s] : offs[s + 1]] for s in samples])
+            )
         batch = SideBatch(
             hidden=torch.from_numpy(np.ascontiguousarray(hidden, dtype=np.float32)),
             lengths=torch.tensor(sizes, dtype=torch.int64),
             labels=torch.from_numpy(self.labels[samples]),
             samples=torch.from_numpy(samples),
             longest=max(sizes),
+            segments=segments,
         )
         # on the loader's thread, so the training loop's copy to the GPU does not wait for it
         return batch.pinned() if self.pin_memory else batch
+
+
+def row_segments(reader: StoreReader) -> np.ndarray | None:
+    """Each stored row's segment (``token_type_ids``) as int8, when the store is a sentence-pair
+    task cached with ``--positions all`` by a backbone that takes segment ids (its rows are then
+    its tokens, so row ``r``'s segment is token ``r``'s); None otherwise."""
+    lay = reader.layout
+    pairs = bool(reader.identity.get("dataset", {}).get("pairs", False))
+    if lay.positions != "all" or not lay.has_token_type_ids or not pairs:
+        return None
+    if not np.array_equal(reader.offsets, reader.token_offsets):  # rows are not the tokens
+        return None
+    return np.asarray(reader.read("token_type_ids"), dtype=np.int8)
 
 
 def _copy_into(dest: Rows, at: int, src: Rows, a: int, n: int) -> int:

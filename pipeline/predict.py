@@ -77,13 +77,17 @@ class Predictor(nn.Module):
         return np.split(stacked, np.cumsum(counts)[:-1])
 
     @torch.no_grad()
-    def side(self, rows: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    def side(self, rows: list[np.ndarray], device: torch.device,
+             segments: list[np.ndarray] | None = None) -> torch.Tensor:  # fmt: skip
+        """``segments``: each sample's rows' segment ids, for a sentence pair (``pool=pair``)."""
         batch = SideBatch(
             hidden=torch.from_numpy(np.concatenate(rows)),
             lengths=torch.tensor([len(r) for r in rows], dtype=torch.int64),
             labels=torch.zeros(len(rows)),
             samples=torch.arange(len(rows)),
-        ).to(device)
+            segments=None if segments is None else torch.from_numpy(
+                np.concatenate(segments).astype(np.int8)),
+        ).to(device)  # fmt: skip
         return self.sidenet(batch)
 
     def forward(
@@ -99,7 +103,11 @@ class Predictor(nn.Module):
             token_type_ids=None if token_type_ids is None else token_type_ids.to(self.bb.device),
             lengths=attention_mask.sum(1).to(self.bb.device),
         )
-        return self.side(self.rows(batch), self.bb.device)
+        rows, segments = self.rows(batch), None
+        if token_type_ids is not None and self.info.positions == "all":
+            types = token_type_ids.cpu().numpy()
+            segments = [types[i, : len(r)] for i, r in enumerate(rows)]
+        return self.side(rows, self.bb.device, segments)
 
 
 @dataclass
@@ -132,6 +140,7 @@ def predict(loaded: Loaded, data: TextData) -> np.ndarray:
     started = time.perf_counter()
     tok: Tokenized = tokenize(p.bb.tokenizer, data, loaded.max_length, p.bb.takes_token_type_ids)
     per_sample = tok.lengths if p.info.positions == "all" else np.ones(len(tok.lengths), np.int64)
+    pairwise = p.info.positions == "all" and tok.type_ids is not None
     ready: dict[int, np.ndarray] = {}
     outputs: list[np.ndarray] = []
     step, next_sample = int(loaded.state.get("eval_batch_size", 64)), 0
@@ -142,10 +151,18 @@ def predict(loaded: Loaded, data: TextData) -> np.ndarray:
             chunk = range(next_sample, min(next_sample + step, len(data)))
             if not chunk:
                 break
-            outputs.append(p.side([ready.pop(i) for i in chunk], p.bb.device).float().cpu().numpy())
+            segs = _segments(tok, chunk) if data.pairs is not None and pairwise else None
+            outputs.append(p.side([ready.pop(i) for i in chunk], p.bb.device, segs).float().cpu()
+                           .numpy())  # fmt: skip
             next_sample = chunk.stop
     seconds = time.perf_counter() - started
     log.info("predicted %d samples (%d tokens) in %.1f s: %.0f samples/s, %.0f tokens/s",
              len(data), int(tok.offsets[-1]), seconds, len(data) / seconds,
              tok.offsets[-1] / seconds)  # fmt: skip
     return np.concatenate(outputs)
+
+
+def _segments(tok: Tokenized, samples: range) -> list[np.ndarray]:
+    """The segment ids of ``samples``' tokens (their rows, in a ``--positions all`` store)."""
+    assert tok.type_ids is not None
+    return [tok.type_ids[tok.offsets[i] : tok.offsets[i + 1]] for i in samples]

@@ -58,6 +58,8 @@ class ResidentLoader:
                     self.scales[a:b, j].copy_(torch.from_numpy(scales))
         self.offsets = np.asarray(loader.offsets, dtype=np.int64)
         self.labels = torch.from_numpy(np.asarray(loader.labels)).to(device)
+        self.segments = None if loader.segments is None else torch.from_numpy(
+            loader.segments).to(device)  # fmt: skip
         self.in_ram, self.held_peak, self.pool_bytes, self.held_bound = True, 0, 0, 0
         log.info("loader: %d samples resident on %s (%.1f MB stored)", lay.n_samples, device,
                  resident_bytes(loader) / 1e6)  # fmt: skip
@@ -81,8 +83,9 @@ class ResidentLoader:
         for k in range(len(batches)):
             a, b = int(cut[k]), int(cut[k + 1])
             idx = rows_d[int(first_row[a]) : int(first_row[b])]
+            segments = None if self.segments is None else self.segments.index_select(0, idx)
             yield SideBatch(self._decode(idx), lengths_d[a:b], labels_d[a:b], samples_d[a:b],
-                            longest=int(lengths[a:b].max()))  # fmt: skip
+                            longest=int(lengths[a:b].max()), segments=segments)  # fmt: skip
 
     def _decode(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows ``idx`` as float32 ``(R, L, D)``: the same values as ``storage.decode_rows``."""

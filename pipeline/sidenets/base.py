@@ -97,6 +97,9 @@ class SideBatch:
       ``sidecache predict``, where they are unknown).
     * ``samples``: ``(B,)`` int64, each sample's index in the store (its dataset order).
     * ``longest``: ``max(lengths)`` when the loader knew it (0: not known; :attr:`max_length`).
+    * ``segments``: ``(R,)`` int8, each row's segment (``token_type_ids``: 0 for the first
+      sentence of a pair, 1 for the second), or None: the store holds no segment ids, its
+      dataset is not a sentence-pair task, or it holds other than ``--positions all``.
 
     Training batches are shuffled (:mod:`pipeline.loader`); evaluation and prediction pass
     consecutive samples in store order. With ``precision=bfloat16`` a batch may end in
@@ -111,6 +114,8 @@ class SideBatch:
     # max(lengths) where the batch was cut on the host (the loaders), so a GPU batch needs no
     # sync to learn it; 0 = not known (read from ``lengths`` when needed)
     longest: int = 0
+    # (R,) int8 segment of each row (a sentence pair's first: 0, second: 1); None when unknown
+    segments: torch.Tensor | None = None
 
     @property
     def max_length(self) -> int:
@@ -128,7 +133,8 @@ class SideBatch:
         hidden, lengths, labels, samples = (
             fn(t) for t in (self.hidden, self.lengths, self.labels, self.samples)
         )
-        return SideBatch(hidden, lengths, labels, samples, longest=self.longest)
+        segments = None if self.segments is None else fn(self.segments)
+        return SideBatch(hidden, lengths, labels, samples, self.longest, segments)
 
     @property
     def starts(self) -> torch.Tensor:  # (B,) first row of each sample
@@ -154,6 +160,7 @@ class SideBatch:
                 self.labels[a:b],
                 self.samples[a:b],
                 longest=max(sizes[a:b]),
+                segments=None if self.segments is None else self.segments[r:q],
             )
             for (a, r), (b, q) in itertools.pairwise(cuts)
         ]
@@ -161,30 +168,45 @@ class SideBatch:
     def padded(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(R, ...)`` -> ``(B, T, ...)`` zero-padded, plus the ``(B, T)`` mask of real rows.
         Rows are placed by computed indices, not by the mask (a boolean index syncs a GPU)."""
-        b, t, r = len(self.lengths), self.max_length, rows.shape[0]
+        b, t = len(self.lengths), self.max_length
         lengths = self.lengths.to(rows.device)
         mask = torch.arange(t, device=rows.device)[None, :] < lengths[:, None]
-        owner = torch.repeat_interleave(torch.arange(b, device=rows.device), lengths,
-                                        output_size=r)  # fmt: skip
-        within = torch.arange(r, device=rows.device) - (torch.cumsum(lengths, 0) - lengths)[owner]
         out = rows.new_zeros((b * t, *rows.shape[1:]))
-        out[owner * t + within] = rows
+        out[self._slots(rows.shape[0], rows.device)] = rows
         out = out.view(b, t, *rows.shape[1:])
         return out, mask
+
+    def packed(self, padded: torch.Tensor) -> torch.Tensor:
+        """``(B, T, ...)`` -> ``(R, ...)``: the real rows of a :meth:`padded` tensor, back to
+        back (the inverse of :meth:`padded`; a gather by computed indices, no sync)."""
+        b, t = padded.shape[:2]
+        rows = int(self.hidden.shape[0])
+        return padded.reshape(b * t, *padded.shape[2:])[self._slots(rows, padded.device)]
+
+    def _slots(self, r: int, device: torch.device) -> torch.Tensor:
+        """``(R,)``: each row's slot ``sample * T + position`` in a ``(B, T)`` padded layout."""
+        b, t = len(self.lengths), self.max_length
+        lengths = self.lengths.to(device)
+        owner = torch.repeat_interleave(torch.arange(b, device=device), lengths, output_size=r)
+        within = torch.arange(r, device=device) - (torch.cumsum(lengths, 0) - lengths)[owner]
+        return owner * t + within
 
 
 def select_rows(batch: SideBatch, rows: torch.Tensor, pool: str, info: StoreInfo) -> torch.Tensor:
     """The rows a single-position head reads (``first``/``last``), before any computation, so a
     ``--positions first`` store and an ``all`` store feed identical inputs. ``mean`` keeps all."""
     check_pool(pool, info)
-    if info.positions != "all" or pool == "mean":
+    if info.positions != "all" or pool in ("mean", "pair"):
         return rows
     idx = batch.starts if pool == "first" else batch.starts + batch.lengths - 1
     return rows[idx]
 
 
 def pool_rows(batch: SideBatch, rows: torch.Tensor, pool: str, info: StoreInfo) -> torch.Tensor:
-    """``(R, D)`` -> ``(B, D)``: rows already selected by :func:`select_rows` or a masked mean."""
+    """``(R, D)`` -> ``(B, D)``: rows already selected by :func:`select_rows` or a masked mean;
+    ``(B, 4D + 1)`` for ``pool=pair`` (:func:`pair_pool`)."""
+    if pool == "pair":
+        return pair_pool(batch, rows)
     if info.positions != "all" or pool != "mean":
         return rows
     # a segmented sum: deterministic on CUDA (``index_add_`` is not), and on CPU bit for bit the
@@ -193,9 +215,52 @@ def pool_rows(batch: SideBatch, rows: torch.Tensor, pool: str, info: StoreInfo) 
     return out / batch.lengths.to(rows.dtype)[:, None]
 
 
+def pooled_width(pool: str, width: int) -> int:
+    """Width of a pooled sample: ``width``, or ``4 * width + 1`` for ``pool=pair``."""
+    return 4 * width + 1 if pool == "pair" else width
+
+
+def pair_pool(batch: SideBatch, rows: torch.Tensor) -> torch.Tensor:
+    """``(R, D)`` -> ``(B, 4D + 1)``: each sentence of a pair mean-pooled on its own, ``u`` over
+    the rows of segment 0 and ``v`` over those of segment 1, then ``[u, v, |u - v|, u * v,
+    cos(u, v)]`` (how a bi-encoder such as MiniLM compares two sentences). A sample without
+    rows of one segment pools zeros there. Segmented sums over masked rows: deterministic on
+    CUDA and free of host syncs; on CPU each mean is bit for bit the row-by-row sum of that
+    segment's rows divided by their count."""
+    second = require_segments(batch).to(rows.device) > 0  # (R,)
+    zero = rows.new_zeros(())
+    wide = second.reshape(-1, *([1] * (rows.dim() - 1)))
+    lengths = batch.lengths.to(rows.device)
+    sum_u = torch.segment_reduce(torch.where(wide, zero, rows), "sum", lengths=lengths, axis=0)
+    sum_v = torch.segment_reduce(torch.where(wide, rows, zero), "sum", lengths=lengths, axis=0)
+    n_v = torch.segment_reduce(second.float(), "sum", lengths=lengths, axis=0)  # (B,) exact
+    n_u = lengths.float() - n_v
+    u = sum_u / n_u.clamp(min=1)[:, None]
+    v = sum_v / n_v.clamp(min=1)[:, None]
+    cos = torch.nn.functional.cosine_similarity(u, v, dim=-1)[:, None]
+    return torch.cat([u, v, (u - v).abs(), u * v, cos.to(u.dtype)], dim=-1)
+
+
+def require_segments(batch: SideBatch) -> torch.Tensor:
+    """The batch's row segments; refused when the loader had none to give."""
+    if batch.segments is None:
+        raise StoreMismatchError(
+            "pool=pair pools the two sentences of a pair separately, but the batch has no "
+            "segment ids: its store holds single sentences, or comes from a backbone without "
+            "token_type_ids, or was not cached with --positions all. Expected a sentence-pair "
+            "task cached with --positions all; otherwise use pool=mean, first or last"
+        )
+    return batch.segments
+
+
 def check_pool(pool: str, info: StoreInfo) -> None:
-    if pool not in ("first", "last", "mean"):
-        raise StoreMismatchError(f"pool must be first, last or mean; found {pool!r}")
+    if pool not in ("first", "last", "mean", "pair"):
+        raise StoreMismatchError(f"pool must be first, last, mean or pair; found {pool!r}")
+    if pool == "pair" and info.positions != "all":
+        raise StoreMismatchError(
+            f"pool=pair pools each sentence of a pair from its token rows, but the store holds "
+            f"only {info.positions!r} positions; use a store cached with --positions all"
+        )
     if info.positions not in ("all", pool):
         raise StoreMismatchError(
             f"the side network pools {pool!r} but the store holds only {info.positions!r} "

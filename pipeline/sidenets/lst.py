@@ -23,6 +23,8 @@ from pipeline.sidenets.base import (
     check_pool,
     layer_index,
     make_head,
+    pair_pool,
+    pooled_width,
 )
 from storage import ConfigError, StoreMismatchError
 
@@ -33,7 +35,7 @@ class LstConfig:
     ladders: str = "all"  # stored layers feeding side blocks ("all" = every layer after 0)
     heads: int = 0  # 0 = the backbone's head count (reduced until it divides the width)
     ff_mult: int = 4
-    pool: str = ""  # first | last | mean; empty = the backbone's own pooling
+    pool: str = ""  # first | last | mean | pair; empty = the backbone's own pooling
     head_hidden: int = 0
     dropout: float = 0.1
     temperature: float = 0.1
@@ -105,7 +107,8 @@ class Lst(nn.Module):
         )
         self.norm = nn.LayerNorm(width)
         self.up = nn.Linear(width, d)
-        self.head = make_head(d, info.num_outputs, cfg.head_hidden, cfg.dropout)
+        self.head = make_head(pooled_width(self.pool, d), info.num_outputs, cfg.head_hidden,
+                              cfg.dropout)  # fmt: skip
         self.ladders = ladders
         if cfg.init == "pruned" and (heads != info.num_heads or cfg.ff_mult != 4):
             raise StoreMismatchError("lst:init=pruned keeps the backbone's heads and ff_mult=4")
@@ -163,6 +166,8 @@ class Lst(nn.Module):
             s = gates[i] * s + (1 - gates[i]) * ladder
             s = block(s, mask, self.info.causal)
         out = self.up(self.norm(s))  # (B, T, D)
+        if self.pool == "pair":  # each sentence of the pair pooled on its own
+            return self.head(pair_pool(batch, batch.packed(out)))
         return self.head(_pool_padded(out, mask, batch.lengths, self.pool))
 
 

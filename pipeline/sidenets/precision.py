@@ -90,4 +90,6 @@ def padded(batch: SideBatch) -> SideBatch:
         labels=torch.cat([batch.labels, batch.labels[:1].expand(n)]),
         samples=torch.cat([batch.samples, batch.samples[:1].expand(n)]),
         longest=longest,
+        segments=None if batch.segments is None else torch.cat(
+            [batch.segments, batch.segments.new_zeros(extra)]),
     )  # fmt: skip

@@ -17,6 +17,7 @@ from pipeline.sidenets.base import (
     layer_index,
     make_head,
     pool_rows,
+    pooled_width,
     select_rows,
 )
 
@@ -26,7 +27,7 @@ class ProbeConfig:
     layer: int = -1  # hidden-state index, negative from the end; ignored when mix is set
     mix: bool = False  # learned softmax mix of every stored layer
     hidden: int = 0  # 0 = linear probe
-    pool: str = ""  # first | last | mean; empty = the backbone's own pooling
+    pool: str = ""  # first | last | mean | pair; empty = the backbone's own pooling
     dropout: float = 0.1
 
 
@@ -38,7 +39,8 @@ class Probe(nn.Module):
         check_pool(self.pool, info)
         self.index = layer_index(info, cfg.layer)
         self.mix_logits = nn.Parameter(torch.zeros(len(info.layers))) if cfg.mix else None
-        self.head = make_head(info.hidden_size, info.num_outputs, cfg.hidden, cfg.dropout)
+        width = pooled_width(self.pool, info.hidden_size)
+        self.head = make_head(width, info.num_outputs, cfg.hidden, cfg.dropout)
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
         h = select_rows(batch, batch.hidden, self.pool, self.info)  # (R, L, D)

@@ -23,6 +23,7 @@ from pipeline.sidenets.base import (
     check_pool,
     make_head,
     pool_rows,
+    pooled_width,
     select_rows,
 )
 from storage import ConfigError
@@ -35,7 +36,7 @@ class ReadConfig:
     hidden: int = 128  # RNN width
     rnn: str = "gru"  # gru | lstm | elman
     aggregate: str = "last"  # last | mean over the layer steps
-    pool: str = ""  # first | last | mean; empty = the backbone's own pooling
+    pool: str = ""  # first | last | mean | pair; empty = the backbone's own pooling
     head_hidden: int = 0  # 0 = linear head
     dropout: float = 0.1
     init_scale: float = 1e-3  # std of W_out at start: the correction starts near zero
@@ -58,7 +59,8 @@ class Read(nn.Module):
         self.w_out = nn.Linear(cfg.hidden, d)
         nn.init.normal_(self.w_out.weight, std=cfg.init_scale)
         nn.init.zeros_(self.w_out.bias)
-        self.head = make_head(d, info.num_outputs, cfg.head_hidden, cfg.dropout)
+        width = pooled_width(self.pool, d)
+        self.head = make_head(width, info.num_outputs, cfg.head_hidden, cfg.dropout)
 
     def forward(self, batch: SideBatch) -> torch.Tensor:
         h = select_rows(batch, batch.hidden, self.pool, self.info)  # (R, L, D)
