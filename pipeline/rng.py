@@ -37,20 +37,6 @@ def seeded(seed: int, device: torch.device) -> RngState:
         return capture(device)
 
 
-def to_device(state: RngState, device: torch.device) -> RngState:
-    """``state`` for ``device``: a run resumed on another device type keeps the CPU stream and
-    seeds the CUDA one from it (bit-for-bit resumes need the same device type)."""
-    cpu, cuda = state
-    if device.type != "cuda":
-        return cpu, None
-    if cuda is not None:
-        return cpu, cuda
-    with torch.random.fork_rng(devices=_devices(device)):
-        torch.set_rng_state(cpu)
-        torch.cuda.manual_seed(int(torch.randint(0, 2**62, ()).item()))
-        return cpu, torch.cuda.get_rng_state(device)
-
-
 @contextmanager
 def swapped(state: RngState, device: torch.device) -> Iterator[None]:
     """Run with ``state`` in the global generators, then put the caller's back."""
