@@ -250,3 +250,10 @@ def small_cache(model: str, data: str, out: Path, **overrides: Any) -> dict[str,
     )
     settings.update(overrides)
     return run_cache(CacheConfig(**settings))
+
+
+def cache_splits(model: str, data: str, root: Path, **overrides: Any) -> Path:
+    """:func:`small_cache` of the train and dev splits into ``root/train`` and ``root/dev``."""
+    for split in ("train", "dev"):
+        small_cache(model, data, root / split, split=split, **overrides)
+    return root

@@ -26,7 +26,7 @@ from pipeline.sweep import SweepConfig, Task, named_specs, run_sweep
 from pipeline.train import member_names
 from stages.cli import main
 from storage import open_store
-from tests.conftest import small_cache
+from tests.conftest import cache_splits
 
 REPO = Path(__file__).resolve().parents[2]
 HEADS = "tests.tests_pkg.heads"
@@ -38,9 +38,7 @@ INFO = StoreInfo(hidden_size=32, layers=(0, 1, 2), positions="all", pooling="fir
 @pytest.fixture(scope="module")
 def stores(model_dir, glue_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("custom")
-    for split in ("train", "dev"):
-        small_cache(model_dir("bert"), f"glue:{glue_dir}", root / split, split=split)
-    return root
+    return cache_splits(model_dir("bert"), f"glue:{glue_dir}", root)
 
 
 @pytest.fixture(scope="module")

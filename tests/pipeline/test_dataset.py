@@ -17,7 +17,7 @@ from pipeline.settings import TrainConfig
 from pipeline.sidenets import SideBatch
 from pipeline.train import run_train
 from storage import open_store
-from tests.conftest import small_cache
+from tests.conftest import cache_splits
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -25,9 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def stores(model_dir, glue_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dataset")
-    for split in ("train", "dev"):
-        small_cache(model_dir("bert"), f"glue:{glue_dir}", root / split, split=split)
-    return root
+    return cache_splits(model_dir("bert"), f"glue:{glue_dir}", root)
 
 
 def same(a: list[SideBatch], b: list[SideBatch]) -> bool:

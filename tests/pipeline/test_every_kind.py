@@ -18,7 +18,7 @@ from pipeline.sidenets import StoreInfo, build, parse_spec
 from pipeline.train import TrainConfig, run_train
 from stages.cli import main
 from storage import open_store
-from tests.conftest import small_cache
+from tests.conftest import cache_splits
 from tests.pipeline.test_prune import wide_ff_bert  # noqa: F401 (a fixture)
 
 SPECS = {
@@ -34,8 +34,7 @@ SPECS = {
 @pytest.fixture(scope="module")
 def trained(wide_ff_bert, glue_dir, tmp_path_factory):  # noqa: F811
     root = tmp_path_factory.mktemp("kinds")
-    for split in ("train", "dev"):
-        small_cache(wide_ff_bert, f"glue:{glue_dir}", root / split, split=split, lst_prune=2)
+    cache_splits(wide_ff_bert, f"glue:{glue_dir}", root, lst_prune=2)
     specs = [f"{spec}{',' if ':' in spec else ':'}name={name}" for name, spec in SPECS.items()]
     cfg = TrainConfig(train=str(root / "train"), eval=str(root / "dev"), specs=specs, epochs=1,
                       out=str(root / "out"), batch_size=16, progress=False)  # fmt: skip

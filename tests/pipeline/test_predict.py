@@ -17,15 +17,14 @@ from pipeline.sidenets import StoreInfo, build, parse_spec
 from pipeline.train import TrainConfig, run_train
 from stages.cli import main
 from storage import open_store
-from tests.conftest import build_bert, small_cache
+from tests.conftest import build_bert, cache_splits
 
 
 @pytest.fixture(scope="module")
 def run(model_dir, glue_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
     model = model_dir("bert")
-    for split in ("train", "dev"):
-        small_cache(model, f"glue:{glue_dir}", root / split, split=split)  # bfloat16, all tokens
+    cache_splits(model, f"glue:{glue_dir}", root)  # bfloat16, all tokens
     specs = ["read:hidden=16", "lst:r=4", "read:hidden=16,precision=bfloat16,name=read-bf16"]
     run_train(TrainConfig(
         train=str(root / "train"), eval=str(root / "dev"), specs=specs, epochs=2,
