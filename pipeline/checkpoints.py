@@ -56,7 +56,8 @@ def checkpoint(m: Member, info: StoreInfo, identity: dict[str, Any], full: bool)
         state.update(
             optim=m.optim.state_dict(), sched=m.sched.state_dict(), rng=m.rng, history=m.history,
             best=m.best, best_epoch=m.best_epoch, bad_epochs=m.bad_epochs, stopped=m.stopped,
-            seconds=m.seconds, device_type=m.device.type,
+            seconds=m.seconds, device_type=m.device.type, best_valid=m.best_valid,
+            valid_fraction=m.valid_fraction,
         )  # fmt: skip
     return to_cpu(state)
 
@@ -81,6 +82,13 @@ def resume(m: Member, identity: dict[str, Any]) -> None:
             f"{m.folder} holds a run of {state['spec']!r} on another store; choose another --out "
             "or delete that folder"
         )
+    held = state.get("valid_fraction", 0.0)
+    if held != m.valid_fraction:
+        raise ConfigError(
+            f"{path} was trained with --valid-fraction {held} and this run asks for "
+            f"{m.valid_fraction}: its history chose epochs on other samples. Resume with "
+            f"--valid-fraction {held}, or delete that folder to train from the start"
+        )
     written_on = state.get("device_type", "cpu")
     if written_on != m.device.type:
         raise ConfigError(
@@ -92,6 +100,7 @@ def resume(m: Member, identity: dict[str, Any]) -> None:
     m.optim.load_state_dict(state["optim"])
     m.sched.load_state_dict(state["sched"])
     m.rng, m.history, m.best = _rng_state(state["rng"]), state["history"], state["best"]
+    m.best_valid = state.get("best_valid")
     m.best_epoch, m.bad_epochs, m.stopped = (
         state["best_epoch"],
         state["bad_epochs"],
@@ -115,12 +124,11 @@ def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], finished
     """``last.pt``, ``metrics.json`` and ``history.csv`` of ``m`` as it stands; returns the
     metrics."""
     save(checkpoint(m, info, identity, full=True), m.folder / "last.pt")
-    final = m.history[-1]["eval"] if m.history else None
     result = {
         "name": m.name,
         "spec": m.spec.text,
         "kind": m.spec.kind,
-        "eval": {"best": m.best, "final": final, "best_epoch": m.best_epoch},
+        "eval": eval_summary(m),
         "train_loss": m.history[-1]["train_loss"] if m.history else None,
         "epochs": m.epochs_done,
         "stopped_early": m.stopped,
@@ -131,13 +139,43 @@ def write_outputs(m: Member, info: StoreInfo, identity: dict[str, Any], finished
         "torch_threads": torch.get_num_threads(),
         "micro_rows": m.micro_rows,
     }
+    if m.valid_fraction:
+        result["valid"] = valid_summary(m)
     if loaders is not None:  # the streaming loaders' memory, once the run is over
         result["loader_memory"] = loaders
     write_text_atomic(m.folder / "metrics.json", json.dumps(result, indent=2))
     keys = sorted(m.history[0]["eval"]) if m.history else []
+    held = sorted(m.history[0].get("valid", {})) if m.history else []
     with atomic_path(m.folder / "history.csv") as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["epoch", "train_loss", *keys])
+        w.writerow(["epoch", "train_loss", *keys, *(f"valid_{k}" for k in held)])
         for h in m.history:
-            w.writerow([h["epoch"], h["train_loss"], *(h["eval"][k] for k in keys)])
+            w.writerow([h["epoch"], h["train_loss"], *(h["eval"][k] for k in keys),
+                        *(h["valid"][k] for k in held)])  # fmt: skip
     return result
+
+
+def eval_summary(m: Member) -> dict[str, Any]:
+    """``metrics.json``'s ``eval``: the scores at the chosen epoch (``best``: chosen on the
+    held-out validation samples with ``--valid-fraction``, else on eval itself), after the last
+    epoch, and, when the choice was on validation, the best eval epoch too (eval choosing its
+    own epoch, as GLUE papers report dev)."""
+    out: dict[str, Any] = {
+        "best": m.best,
+        "final": m.history[-1]["eval"] if m.history else None,
+        "best_epoch": m.best_epoch,
+        "chosen_on": "valid" if m.valid_fraction else "eval",
+    }
+    if m.valid_fraction and m.history:
+        top = max(m.history, key=lambda h: h["eval"]["score"])  # the first of equals
+        out["best_on_eval"], out["best_on_eval_epoch"] = top["eval"], top["epoch"]
+    return out
+
+
+def valid_summary(m: Member) -> dict[str, Any]:
+    """``metrics.json``'s ``valid``: the held-out share and its scores at the chosen epoch."""
+    return {
+        "fraction": m.valid_fraction,
+        "best": m.best_valid,
+        "final": m.history[-1].get("valid") if m.history else None,
+    }

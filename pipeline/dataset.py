@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from pipeline.errors import ConfigError
 from pipeline.settings import TrainConfig
 from pipeline.sidenets import SideBatch, StoreInfo
-from pipeline.train import store_loaders
+from pipeline.train import LoaderUse, store_loaders
 from storage import StoreReader, open_store
 
 
@@ -101,7 +101,7 @@ class StoreDataset(IterableDataset[SideBatch]):
         :class:`~pipeline.resident.ResidentLoader`) serving the batches: built on first use, by
         the function ``sidecache train`` builds its loaders with."""
         if self._loader is None:
-            stores = [(self._reader(), self.config.batch_size, self.shuffle)]
+            stores = [LoaderUse(self._reader(), self.config.batch_size, self.shuffle)]
             self._loader = store_loaders(self.config, stores, self.device)[0]
         return self._loader
 

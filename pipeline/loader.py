@@ -64,6 +64,7 @@ class StoreLoader:
         pool_bytes: int = 512 << 20,
         prefetch: int = 4,  # batches collated ahead of the one in use
         pin_memory: bool = False,  # collate into page-locked memory (for async copies to a GPU)
+        samples: np.ndarray | None = None,  # serve only these sample ids (None: all)
     ):
         self.reader, self.batch_size, self.shuffle, self.seed = reader, batch_size, shuffle, seed
         lay = reader.layout
@@ -77,6 +78,14 @@ class StoreLoader:
         starts = reader.token_offsets[:-1] // lay.chunk_rows
         cuts = np.flatnonzero(np.diff(starts)) + 1
         self.blocks = np.split(np.arange(lay.n_samples), cuts)  # consecutive samples
+        # a subset (a held-out split of the store): blocks are still read whole, and only the
+        # kept samples join the pool
+        self.keep: np.ndarray | None = None
+        self.n_samples = int(lay.n_samples)
+        if samples is not None:
+            self.keep = np.zeros(lay.n_samples, dtype=bool)
+            self.keep[np.asarray(samples, dtype=np.int64)] = True
+            self.n_samples = int(self.keep.sum())
         firsts = np.array([int(b[0]) for b in self.blocks], dtype=np.int64)
         lasts = np.array([int(b[-1]) for b in self.blocks], dtype=np.int64)
         self._bounds = np.stack([self.offsets[firsts], self.offsets[lasts + 1]], 1)  # rows [a, b)
@@ -99,13 +108,16 @@ class StoreLoader:
             self._ram = self._read_span(0, lay.n_rows)
         log.info(
             "loader: %d samples in %d blocks, %d blocks per shuffle round, %s (%.1f MB stored)",
-            lay.n_samples, len(self.blocks), self.shuffle_blocks,
+            self.n_samples, len(self.blocks), self.shuffle_blocks,
             "in RAM" if self.in_ram else f"streaming within {self.held_bound / 1e6:.0f} MB",
             stored / 1e6,
         )  # fmt: skip
 
     def __len__(self) -> int:
-        return -(-self.reader.layout.n_samples // self.batch_size)
+        return -(-self.n_samples // self.batch_size)
+
+    def _kept(self, block: np.ndarray) -> np.ndarray:
+        return block if self.keep is None else block[self.keep[block]]
 
     @property
     def _int8(self) -> bool:
@@ -219,7 +231,7 @@ class StoreLoader:
         pool = np.empty(0, dtype=np.int64)
         out = []
         for r, ids in enumerate(rounds):
-            pool = np.concatenate([pool, *(self.blocks[i] for i in ids)])
+            pool = np.concatenate([pool, *(self._kept(self.blocks[i]) for i in ids)])
             if self.shuffle:
                 pool = pool[rng.permutation(len(pool))]
             last, cuts = r == len(rounds) - 1, []
@@ -314,7 +326,7 @@ class StoreLoader:
             out += [
                 _Sample(int(s), rows[offs[k] : offs[k + 1]],
                         None if scales is None else scales[offs[k] : offs[k + 1]], False)
-                for k, s in enumerate(self.blocks[i])
+                for k, s in enumerate(self.blocks[i]) if self.keep is None or self.keep[s]
             ]  # fmt: skip
         return out
 

@@ -36,10 +36,24 @@ def resident_bytes(loader: StoreLoader) -> int:
 class ResidentLoader:
     """``loader``'s batches from a copy of its store on ``device``."""
 
-    def __init__(self, loader: StoreLoader, device: torch.device):
+    rows: torch.Tensor  # (n_rows, L, D) stored dtype
+    scales: torch.Tensor | None  # (n_rows, L) of an int8 store
+    offsets: np.ndarray
+    labels: torch.Tensor
+    segments: torch.Tensor | None
+
+    def __init__(self, loader: StoreLoader, device: torch.device,
+                 share: ResidentLoader | None = None):  # fmt: skip
+        """``share``: a resident loader of the same store (another subset of its samples),
+        whose device copy this one uses instead of making its own."""
         self.host, self.device = loader, device
         lay = loader.reader.layout
         self.dtype = lay.dtype
+        self.in_ram, self.held_peak, self.pool_bytes, self.held_bound = True, 0, 0, 0
+        if share is not None:
+            self.rows, self.scales, self.offsets = share.rows, share.scales, share.offsets
+            self.labels, self.segments = share.labels, share.segments
+            return
         n, n_layers, d = lay.n_rows, len(loader.layers), lay.hidden_size
         self.rows = torch.empty((n, n_layers, d), dtype=TORCH_STORED[lay.dtype], device=device)
         self.scales = (
@@ -60,7 +74,6 @@ class ResidentLoader:
         self.labels = torch.from_numpy(np.asarray(loader.labels)).to(device)
         self.segments = None if loader.segments is None else torch.from_numpy(
             loader.segments).to(device)  # fmt: skip
-        self.in_ram, self.held_peak, self.pool_bytes, self.held_bound = True, 0, 0, 0
         log.info("loader: %d samples resident on %s (%.1f MB stored)", lay.n_samples, device,
                  resident_bytes(loader) / 1e6)  # fmt: skip
 

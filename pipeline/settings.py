@@ -148,6 +148,13 @@ class TrainConfig:
     seed: int = setting(0, "seed of weight initialisation, shuffling and dropout")
     device: str = setting("auto", "auto | cpu | cuda")
     ram_budget_mb: int = setting(4096, "keep stores this small in RAM")
+    valid_fraction: float = setting(
+        0.0,
+        "hold out this share of the train store's samples (a fixed draw, the same for every "
+        "run, seed and method) and choose each network's best epoch on them instead of on "
+        "--eval; they are not trained on. 0 (default): the best epoch is --eval's",
+        metavar="F",
+    )
     progress: bool = setting(True, "no progress bar")
     # torch intra-op threads on CPU
     threads: int = setting(0, "PyTorch threads on CPU (0: half the cores)")

@@ -86,6 +86,12 @@ class SweepConfig:
     batch_size: int = setting(TrainConfig.batch_size, "samples per training batch")
     device: str = setting("cpu", "cpu | cuda | auto (on the workers)")
     ram_budget_mb: int = setting(TrainConfig.ram_budget_mb, "keep stores this small in RAM")
+    valid_fraction: float = setting(
+        TrainConfig.valid_fraction,
+        "as for sidecache train: choose each network's best epoch on this held-out share of "
+        "the train store instead of on the eval store",
+        metavar="F",
+    )
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,7 @@ class Unit:
     ram_budget_mb: int
     threads: int
     cost: float = 1.0
+    valid_fraction: float = 0.0
 
     @property
     def key(self) -> str:
@@ -183,6 +190,7 @@ def plan_units(cfg: SweepConfig) -> list[Unit]:
                 units.append(Unit(
                     task, seed, specs, names, out, cfg.epochs, cfg.batch_size, cfg.device,
                     cfg.ram_budget_mb, cfg.threads, sum(costs[i] for i in group),
+                    cfg.valid_fraction,
                 ))  # fmt: skip
     return sorted(units, key=lambda u: -u.cost)
 
@@ -198,6 +206,7 @@ def run_unit(unit: Unit) -> list[dict[str, Any]]:
         train=unit.task.train, eval=unit.task.eval, specs=list(unit.specs), epochs=unit.epochs,
         out=unit.out, batch_size=unit.batch_size, seed=unit.seed, device=unit.device,
         ram_budget_mb=unit.ram_budget_mb, threads=unit.threads, progress=False,
+        valid_fraction=unit.valid_fraction,
     ))  # fmt: skip
     where = f"{socket.gethostname()}:{os.getpid()}"
     extra = {
@@ -217,6 +226,9 @@ def _row(unit: Unit, name: str, result: dict[str, Any] | None, extra: dict[str, 
     best = result["eval"]["best"] or {}
     row.update(status="ok", best_epoch=result["eval"]["best_epoch"])
     row.update({k: best[k] for k in sorted(best)})
+    if "valid" in result:  # chosen on held-out training samples: their score, and eval's own
+        row["valid_score"] = (result["valid"]["best"] or {}).get("score")
+        row["best_on_eval_score"] = (result["eval"].get("best_on_eval") or {}).get("score")
     row.update(train_loss=result["train_loss"], params=result["trainable_params"],
                train_s=result["wall_time_s"], **extra)  # fmt: skip
     return row
@@ -303,7 +315,8 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
         w.writerows(rows)
 
 
-MARKDOWN_COLUMNS = ("task", "seed", "name", "status", "score", "best_epoch", "params", "train_s")
+MARKDOWN_COLUMNS = ("task", "seed", "name", "status", "score", "valid_score", "best_epoch",
+                    "params", "train_s")  # fmt: skip
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

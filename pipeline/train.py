@@ -2,7 +2,9 @@
 
 One loader pass feeds every side network; each has its own optimiser, schedule, early-stopping
 state and random-number stream (dropout), so a network trains exactly as it would alone. After
-each epoch every network is evaluated on the eval store; the best checkpoint is kept.
+each epoch every network is evaluated on the eval store, and on a held-out share of the train
+store when ``--valid-fraction`` is set (the best epoch is then chosen on it, never on the eval
+store); the best checkpoint is kept.
 
 Outputs under ``OUT/<name>/`` (:mod:`pipeline.checkpoints`): ``best.pt`` (config, weights,
 store identity), ``last.pt`` (plus optimiser state, for resuming), ``metrics.json``,
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from tqdm import tqdm
 
 from pipeline import metrics, rng
 from pipeline.checkpoints import resume, save_best, write_outputs
+from pipeline.data import holdout_samples
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.loader import StoreLoader
 from pipeline.memory import cpu_threads, lean_malloc, trim_malloc
@@ -63,7 +66,9 @@ class Member:
     micro_rows: int = 0  # > 0: training steps run in groups of at most this many rows
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     history: list[dict[str, Any]] = field(default_factory=list)
-    best: dict[str, Any] | None = None
+    best: dict[str, Any] | None = None  # eval scores at the chosen epoch
+    best_valid: dict[str, Any] | None = None  # validation scores there (with --valid-fraction)
+    valid_fraction: float = 0.0
     best_epoch: int = -1
     bad_epochs: int = 0
     stopped: bool = False
@@ -124,7 +129,8 @@ def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: Tra
         eval_batch = eval_batch_size(cfg)
     folder = Path(cfg.out) / name
     return Member(name, spec, model, optim, sched, member_stream(stream[0], seed, device),
-                  folder, eval_batch, cfg.micro_rows, device)  # fmt: skip
+                  folder, eval_batch, cfg.micro_rows, device,
+                  valid_fraction=cfg.valid_fraction)  # fmt: skip
 
 
 def member_stream(cpu_state: torch.Tensor, seed: int, device: torch.device) -> rng.RngState:
@@ -208,16 +214,22 @@ def evaluate(models: list[Member], loader: Loader, info: StoreInfo, device: torc
     }
 
 
-def record_epoch(m: Member, epoch: int, scores: dict[str, float]) -> bool:
-    """Append the epoch to the history; True when it is the best so far. Sets ``m.stopped``
-    once ``patience`` epochs in a row brought no improvement."""
+def record_epoch(m: Member, epoch: int, scores: dict[str, float],
+                 valid: dict[str, float] | None = None) -> bool:  # fmt: skip
+    """Append the epoch to the history; True when it is the best so far: by the validation
+    ``score`` when there is one (``--valid-fraction``), else by the eval ``score``. Sets
+    ``m.stopped`` once ``patience`` epochs in a row brought no improvement."""
     m.epochs_done = epoch + 1
-    m.history.append(
-        {"epoch": epoch + 1, "train_loss": float(m.loss_sum) / max(1, m.loss_count), "eval": scores}
-    )
+    entry: dict[str, Any] = {
+        "epoch": epoch + 1, "train_loss": float(m.loss_sum) / max(1, m.loss_count), "eval": scores
+    }  # fmt: skip
+    if valid is not None:
+        entry["valid"] = valid
+    m.history.append(entry)
     m.loss_sum, m.loss_count = 0.0, 0
-    if m.best is None or scores["score"] > m.best["score"]:
-        m.best, m.best_epoch, m.bad_epochs = scores, epoch + 1, 0
+    judged, so_far = (scores, m.best) if valid is None else (valid, m.best_valid)
+    if so_far is None or judged["score"] > so_far["score"]:
+        m.best, m.best_valid, m.best_epoch, m.bad_epochs = scores, valid, epoch + 1, 0
         return True
     m.bad_epochs += 1
     if m.spec.train.patience and m.bad_epochs >= m.spec.train.patience:
@@ -227,8 +239,8 @@ def record_epoch(m: Member, epoch: int, scores: dict[str, float]) -> bool:
 
 
 def end_epoch(m: Member, epoch: int, scores: dict[str, float], info: StoreInfo,
-              identity: dict[str, Any]) -> None:  # fmt: skip
-    if record_epoch(m, epoch, scores):
+              identity: dict[str, Any], valid: dict[str, float] | None = None) -> None:  # fmt: skip
+    if record_epoch(m, epoch, scores, valid):
         save_best(m, info, identity)
 
 
@@ -244,20 +256,45 @@ def run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
 Loader = StoreLoader | ResidentLoader
 
 
+class LoaderUse(NamedTuple):
+    """One loader to build: a store, its batch size, shuffled or not, and which samples."""
+
+    reader: StoreReader
+    batch_size: int
+    shuffle: bool
+    samples: np.ndarray | None = None  # None: all of them
+
+
+class Loaders(NamedTuple):
+    train: Loader
+    eval: Loader
+    valid: Loader | None  # the held-out share of the train store (``--valid-fraction``)
+
+
 def make_loaders(cfg: TrainConfig, train: StoreReader, evaluation: StoreReader, eval_batch: int,
-                 device: torch.device) -> tuple[Loader, Loader]:  # fmt: skip
-    """The train and eval loaders (:func:`store_loaders`)."""
-    stores = [(train, cfg.batch_size, True), (evaluation, eval_batch, False)]
-    loader, eval_loader = store_loaders(cfg, stores, device)
-    return loader, eval_loader
+                 device: torch.device) -> Loaders:  # fmt: skip
+    """The train and eval loaders, and the validation loader over the samples of the train store
+    that ``cfg.valid_fraction`` holds out (the train loader then serves the others)."""
+    held = holdout_samples(train.layout.n_samples, cfg.valid_fraction)
+    if not len(held):
+        uses = [LoaderUse(train, cfg.batch_size, True), LoaderUse(evaluation, eval_batch, False)]
+        loader, eval_loader = store_loaders(cfg, uses, device)
+        return Loaders(loader, eval_loader, None)
+    fit = np.setdiff1d(np.arange(train.layout.n_samples), held)
+    uses = [LoaderUse(train, cfg.batch_size, True, fit), LoaderUse(evaluation, eval_batch, False),
+            LoaderUse(train, eval_batch, False, held)]  # fmt: skip
+    log.info("--valid-fraction %g: %d training samples, %d held out to choose the best epoch",
+             cfg.valid_fraction, len(fit), len(held))  # fmt: skip
+    return Loaders(*store_loaders(cfg, uses, device))
 
 
-def store_loaders(cfg: TrainConfig, stores: list[tuple[StoreReader, int, bool]],
-                  device: torch.device) -> list[Loader]:  # fmt: skip
-    """Loaders of ``(store, batch size, shuffled)``: on CUDA, all resident on the GPU when their
-    stored rows fit ``device_budget_mb``; otherwise read on the host (in RAM when they fit
-    ``ram_budget_mb``, else streamed), into pinned memory when training on CUDA. Shuffled ones
-    follow ``cfg.seed``. (:class:`pipeline.dataset.StoreDataset` serves the train store's.)"""
+def store_loaders(cfg: TrainConfig, stores: list[LoaderUse], device: torch.device,
+                  ) -> list[Loader]:  # fmt: skip
+    """A loader per :class:`LoaderUse`: on CUDA, all resident on the GPU when the stored rows of
+    their stores (each store counted once) fit ``device_budget_mb``; otherwise read on the host
+    (in RAM when they fit ``ram_budget_mb``, else streamed), into pinned memory when training on
+    CUDA. Shuffled ones follow ``cfg.seed``. (:class:`pipeline.dataset.StoreDataset` serves the
+    train store's.)"""
     memory: dict[str, Any] = {
         "ram_budget": cfg.ram_budget_mb << 20,
         "pool_bytes": cfg.pool_mb << 20,
@@ -267,18 +304,25 @@ def store_loaders(cfg: TrainConfig, stores: list[tuple[StoreReader, int, bool]],
 
     def on_host(**extra: Any) -> list[StoreLoader]:
         settings = {**memory, **extra}
-        return [StoreLoader(reader, size, shuffle=shuffle, seed=cfg.seed if shuffle else 0,
-                            **settings) for reader, size, shuffle in stores]  # fmt: skip
+        return [StoreLoader(u.reader, u.batch_size, shuffle=u.shuffle,
+                            seed=cfg.seed if u.shuffle else 0, samples=u.samples, **settings)
+                for u in stores]  # fmt: skip
 
     if device.type != "cuda":
         return list(on_host())
     host = on_host(ram_budget=0)  # reads nothing yet
-    need = sum(resident_bytes(x) for x in host)
+    first = {id(x.reader): x for x in reversed(host)}  # one copy per store on the device
+    need = sum(resident_bytes(x) for x in first.values())
     budget = cfg.device_budget_mb << 20
     if cfg.device_budget_mb < 0:
         budget = torch.cuda.mem_get_info(device)[0] // 2
     if need <= budget:
-        return [ResidentLoader(x, device) for x in host]
+        made: dict[int, ResidentLoader] = {}
+        out: list[Loader] = []
+        for x in host:
+            out.append(ResidentLoader(x, device, made.get(id(x.reader))))
+            made.setdefault(id(x.reader), out[-1])  # type: ignore[arg-type]
+        return out
     log.info("stores need %.1f MB on the GPU, over the budget of %.1f MB (--device-budget-mb): "
              "reading them on the host", need / 1e6, budget / 1e6)  # fmt: skip
     return list(on_host())
@@ -305,7 +349,8 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
     if cfg.low_memory and not lean_malloc():
         log.warning("--low-memory: cannot set the allocator's mmap threshold (not glibc)")
     eval_batch = eval_batch_size(cfg, train_reader, eval_reader)
-    loader, eval_loader = make_loaders(cfg, train_reader, eval_reader, eval_batch, device)
+    loader, eval_loader, valid_loader = make_loaders(cfg, train_reader, eval_reader, eval_batch,
+                                                     device)  # fmt: skip
     total = cfg.epochs * len(loader)
     members = [
         make_member(n, s, info, total, cfg, device, eval_batch, train_reader.extra)
@@ -329,15 +374,20 @@ def _run_train(cfg: TrainConfig) -> dict[str, dict[str, Any]]:
         if cfg.low_memory:
             trim_malloc()
         scores = evaluate(active, eval_loader, info, device)
+        valid = None if valid_loader is None else evaluate(active, valid_loader, info, device)
         for m in active:
-            end_epoch(m, epoch, scores[m.name], info, identity)
+            end_epoch(m, epoch, scores[m.name], info, identity,
+                      None if valid is None else valid[m.name])  # fmt: skip
             write_outputs(m, info, identity, finished=False)
         log.info("epoch %d: %s", epoch + 1, ", ".join(
-            f"{m.name} {scores[m.name]['score']:.4f}" for m in active))  # fmt: skip
+            f"{m.name} {scores[m.name]['score']:.4f}"
+            + ("" if valid is None else f" (valid {valid[m.name]['score']:.4f})")
+            for m in active))  # fmt: skip
     loaders = [
         {"loader": which, "held_peak": ld.held_peak, "pool_bytes": ld.pool_bytes,
          "held_bound": ld.held_bound}
-        for which, ld in (("train", loader), ("eval", eval_loader)) if not ld.in_ram
+        for which, ld in (("train", loader), ("eval", eval_loader), ("valid", valid_loader))
+        if ld is not None and not ld.in_ram
     ]  # fmt: skip
     for x in loaders:
         log.info("loader memory (%(loader)s): held at most %(held_peak)d bytes of stored rows; "

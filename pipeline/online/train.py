@@ -1,11 +1,14 @@
 """The online training loop: backbone every step, stage two's optimiser, schedule and metrics.
 
-One method per run. Per epoch: the batches of :func:`pipeline.online.batches.grouped_order`
-(or ``order(epoch)`` when given, e.g. stage two's loader order for the equivalence test), one
-:func:`pipeline.train.train_step` each (AdamW, warmup/linear decay, the member's own dropout
-stream), then evaluation on the whole eval split in length-sorted batches. ``OUT/<name>/
-metrics.json`` has the same fields as stage two's, plus the history; no checkpoints are written
-(these runs are baselines to measure, not models to keep).
+One method per run; with ``valid_fraction`` the same held-out samples as stage two's
+``--valid-fraction`` (:func:`pipeline.data.holdout_samples`) are kept out of training and score
+each epoch, and the best epoch is chosen on them. Per epoch: the batches of
+:func:`pipeline.online.batches.grouped_order` (or ``order(epoch)`` when given, e.g. stage two's
+loader order for the equivalence test), one :func:`pipeline.train.train_step` each (AdamW,
+warmup/linear decay, the member's own dropout stream), then evaluation on the whole eval split
+in length-sorted batches. ``OUT/<name>/metrics.json`` has the same fields as stage two's, plus
+the history; no checkpoints are written (these runs are baselines to measure, not models to
+keep).
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from tqdm import tqdm
 
 from pipeline import metrics
 from pipeline.backbone import Backbone, load_backbone, pick_device
-from pipeline.data import head, load_data
+from pipeline.checkpoints import eval_summary, valid_summary
+from pipeline.data import head, holdout_samples, load_data
 from pipeline.errors import ConfigError
 from pipeline.memory import peak_memory
 from pipeline.online.batches import TokenBatch, eval_plan, grouped_order, token_batch
@@ -58,12 +62,23 @@ class OnlineConfig:
     group: int = 50  # length grouping of training batches (1 = plain random order)
     progress: bool = True
     order: Callable[[int], Iterable[np.ndarray]] | None = None  # epoch -> sample batches
+    valid_fraction: float = 0.0  # hold out this share of train to choose the epoch on
 
 
 @dataclass
 class Split:
     tok: Tokenized
     labels: np.ndarray
+
+    def subset(self, samples: np.ndarray) -> Split:
+        """These samples only, in this order."""
+        t = self.tok
+        spans = [np.arange(t.offsets[i], t.offsets[i + 1]) for i in samples]
+        at = np.concatenate(spans) if spans else np.empty(0, np.int64)
+        lengths = t.lengths[samples]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        types = None if t.type_ids is None else t.type_ids[at]
+        return Split(Tokenized(t.ids[at], types, offsets), self.labels[samples])
 
 
 def load_split(
@@ -136,9 +151,14 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     bb = load_backbone(cfg.backbone, str(device))
     train, task = load_split(cfg, bb, "train", cfg.limit)
     dev, _ = load_split(cfg, bb, cfg.eval_split, cfg.eval_limit)
+    held = holdout_samples(len(train.labels), cfg.valid_fraction)
+    valid = train.subset(held) if len(held) else None
+    if valid is not None:
+        train = train.subset(np.setdiff1d(np.arange(len(train.labels)), held))
     info = online_info(bb, task, cfg.dtype)
     steps = -(-len(train.labels) // cfg.batch_size)
     m, feed = make_online_member(spec, bb, info, cfg.epochs * steps, cfg, device)
+    m.valid_fraction = cfg.valid_fraction
     log.info(
         "%s: %d trainable parameters, %d samples, %d steps per epoch",
         m.name,
@@ -161,7 +181,8 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         ):
             train_step(m, feed(token_batch(train.tok, train.labels, samples, device)), info)
         scores = evaluate(m, feed, dev, task, device)
-        record_epoch(m, epoch, scores)
+        record_epoch(m, epoch, scores, None if valid is None else
+                     evaluate(m, feed, valid, task, device))  # fmt: skip
         if m.stopped:
             break
         log.info("%s epoch %d: score %.4f", m.name, epoch + 1, scores["score"])
@@ -173,7 +194,7 @@ def write_metrics(m: Member, device: torch.device, seconds: float) -> dict[str, 
         "name": m.name,
         "spec": m.spec.text,
         "kind": f"online:{m.spec.kind}",
-        "eval": {"best": m.best, "final": m.history[-1]["eval"], "best_epoch": m.best_epoch},
+        "eval": eval_summary(m),
         "train_loss": m.history[-1]["train_loss"],
         "epochs": m.epochs_done,
         "stopped_early": m.stopped,
@@ -183,6 +204,8 @@ def write_metrics(m: Member, device: torch.device, seconds: float) -> dict[str, 
         "memory": peak_memory(device),
         "history": m.history,
     }
+    if m.valid_fraction:
+        result["valid"] = valid_summary(m)
     m.folder.mkdir(parents=True, exist_ok=True)
     (m.folder / "metrics.json").write_text(json.dumps(result, indent=2))
     return result

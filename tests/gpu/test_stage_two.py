@@ -77,6 +77,21 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_one(device, device_stor
                             checkpoint(trained["root"] / name)["state_dict"])  # fmt: skip
 
 
+def test_held_out_validation_on_the_device(device, device_stores, tmp_path):
+    """``--valid-fraction`` on the device: the train store resident once (both loaders share
+    it) trains exactly as read on the host, and the epoch is chosen on the held-out samples."""
+    specs = ["read:hidden=16", "linear"]
+    resident = train_on(device, device_stores, tmp_path / "res", specs, valid_fraction=0.25)
+    host = train_on(device, device_stores, tmp_path / "host", specs, valid_fraction=0.25,
+                    device_budget_mb=0)  # fmt: skip
+    for name in ("read", "linear"):
+        assert_same_run(resident[name], host[name])
+        assert resident[name]["valid"] == host[name]["valid"]
+        assert resident[name]["eval"]["chosen_on"] == "valid"
+        again = evaluate_run(tmp_path / "res" / name, device_stores["dev"], device=device)
+        assert again == resident[name]["eval"]["best"]
+
+
 def test_micro_rows_on_the_device(device, device_stores, trained, tmp_path):
     specs = ["read:hidden=16", "lst:r=4"]
     roomy = train_on(device, device_stores, tmp_path / "roomy", specs, micro_rows=10**6)

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
+from pipeline.data import holdout_samples
 from pipeline.loader import StoreLoader
 from pipeline.resident import ResidentLoader, resident_bytes
 from storage import open_store
@@ -40,3 +42,20 @@ def test_plan_is_what_the_host_loader_serves(store):
         loader = StoreLoader(reader, 5, shuffle=True, seed=1, ram_budget=ram, pool_bytes=1 << 16)
         planned = [cut.tolist() for _, cuts in loader.plan(2) for cut in cuts]
         assert planned == [b.samples.tolist() for b in loader.epoch(2)]
+
+
+def test_held_out_subsets_share_one_resident_copy_and_serve_the_host_batches(store):
+    """``--valid-fraction`` builds two loaders over the train store: on the device they share
+    one copy of its rows, and each serves its host loader's batches."""
+    reader = open_store(store)
+    n = reader.layout.n_samples
+    held = holdout_samples(n, 0.3)
+    fit = np.setdiff1d(np.arange(n), held)
+    hosts = [StoreLoader(reader, 7, shuffle=s, seed=3, ram_budget=0, pool_bytes=1 << 16,
+                         samples=ids) for ids, s in ((fit, True), (held, False))]  # fmt: skip
+    first = ResidentLoader(hosts[0], torch.device("cpu"))
+    second = ResidentLoader(hosts[1], torch.device("cpu"), first)
+    assert second.rows is first.rows
+    for host, resident in zip(hosts, (first, second), strict=True):
+        for g, w in zip(resident.epoch(1), host.epoch(1), strict=True):
+            assert torch.equal(g.samples, w.samples) and torch.equal(g.hidden, w.hidden)
