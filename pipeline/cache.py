@@ -30,6 +30,7 @@ from pipeline.extract import (
     launch_rows,
     make_batch,
 )
+from pipeline.pairs import SEPARATE, check_pair_data, check_pairs, pieces, tokenize_separate
 from pipeline.prune import lst_prune
 from pipeline.settings import AUTO_BATCH_COST, CacheConfig
 from pipeline.shards import n_windows, owned_shards, parse_shard, window_shards
@@ -75,7 +76,7 @@ IN_FLIGHT = 3
 def validate(cfg: CacheConfig) -> None:
     """Fail on malformed flags before anything slow is loaded."""
     parse_dtype(cfg.dtype)
-    parse_positions(cfg.positions)
+    check_pairs(cfg.pairs, parse_positions(cfg.positions))
     parse_codec(cfg.codec)
     if cfg.max_length is not None and cfg.max_length < 2:
         raise ConfigError(f"--max-length must be at least 2, found {cfg.max_length}")
@@ -120,6 +121,8 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
     cfg.dtype, cfg.positions = parse_dtype(cfg.dtype), parse_positions(cfg.positions)
     validate(cfg)
     data = head(load_data(cfg.data, cfg.split, cfg.columns), cfg.limit)
+    if cfg.pairs == SEPARATE:
+        check_pair_data(data)
     bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
     layers = parse_layers(cfg.layers, bb.n_layers)
     if bb.device.type == "cpu" and not thread_invariant(numerics := cpu_numerics()):
@@ -134,11 +137,17 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
         log.warning(
             "--max-length %d exceeds the backbone's limit; using %d", cfg.max_length, max_length
         )
-    tok = tokenize(bb.tokenizer, data, max_length, bb.takes_token_type_ids)
+    # the store's samples; and the sequences the backbone runs, which are the samples, or with
+    # --pairs separate each sentence of a pair (pipeline.pairs: batches are then of sentences)
+    if cfg.pairs == SEPARATE:
+        tok = tokenize_separate(bb.tokenizer, data, max_length)
+        seqs = pieces(tok, bb.takes_token_type_ids)
+    else:
+        tok = seqs = tokenize(bb.tokenizer, data, max_length, bb.takes_token_type_ids)
     layout = build_layout(cfg, tok, bb, layers, data.labels)
     plan = plan_settings(cfg, bb, len(layers), layout.shard_rows)
-    batches = plan_batches(tok.lengths, np.diff(row_offsets(tok, cfg.positions)), plan)
-    announce(cfg, layout, tok, batches)
+    batches = plan_batches(seqs.lengths, np.diff(row_offsets(seqs, cfg.positions)), plan)
+    announce(cfg, layout, seqs, batches)
     owned = owned_shards(layout, plan.window_rows, shard)
     if shard is not None:
         windows = n_windows(layout, plan.window_rows)
@@ -160,9 +169,9 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
     ident = identity(cfg, bb, data, plan, max_length)
     try:
         per_window = window_shards(plan.window_rows, layout.shard_rows)
-        return _write(
-            cfg, layout, tok, bb, layers, batches, ident, data.task, arrays, owned, per_window
-        )
+        units = None if seqs is tok else row_offsets(seqs, cfg.positions)
+        return _write(cfg, layout, seqs, bb, layers, batches, ident, data.task, arrays, owned,
+                      per_window, units)  # fmt: skip
     except OSError as exc:
         if isinstance(exc, SidecacheError):
             raise
@@ -181,9 +190,14 @@ def _write(
     arrays: dict[str, np.ndarray],
     owned: np.ndarray,
     window_shards: int,
+    units: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Create or resume the store and stream every needed batch into it. The writer keeps at
-    most one sort window's shard buffers while shards are being written (``buffers``)."""
+    most one sort window's shard buffers while shards are being written (``buffers``).
+
+    ``tok`` and ``batches`` are the sequences the backbone runs: the store's samples, or with
+    ``units`` (their row offsets) other consecutive row ranges, the sentences of
+    ``--pairs separate``."""
     with meta_lock(cfg.out):  # shard workers starting together: one creates, the rest resume
         try:
             writer = create_store(cfg.out, layout, ident, task, arrays, overwrite=cfg.overwrite,
@@ -195,6 +209,8 @@ def _write(
         log.info("%s is already complete for these settings; nothing to do", cfg.out)
         return open_store(cfg.out).summary()
     started = time.perf_counter()
+    if units is not None:
+        writer.by_units(units)
     writer.own(owned)
     needed = writer.needed_samples()
     _check_space(cfg.out, layout, int(writer.done.sum()))

@@ -25,9 +25,6 @@ log = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"dev": "dev", "validation": "dev", "val": "dev", "train": "train", "test": "test"}
 BBC_SEED, BBC_DEV_FRACTION = 20221, 0.2
-# the held-out draw does not follow a run's seed: every run, seed and method (cached or online)
-# of a training split holds out the same samples, so their validation scores compare
-HOLDOUT_SEED = 7919
 
 
 @dataclass
@@ -72,26 +69,6 @@ def head(data: TextData, limit: int | None) -> TextData:
         data.task,
         limit=limit,
     )
-
-
-def holdout_samples(n: int, fraction: float) -> np.ndarray:
-    """The sample ids (sorted) that a training split of ``n`` samples holds out for validation
-    at ``fraction`` (``--valid-fraction``): a seeded draw of ``round(fraction * n)`` samples, at
-    least one, the same for every run. Empty when ``fraction`` is 0."""
-    if not 0.0 <= fraction < 1.0:
-        raise DataSpecError(
-            f"--valid-fraction must be at least 0 and below 1 (a share of the training samples); "
-            f"found {fraction}"
-        )
-    if fraction == 0.0:
-        return np.empty(0, dtype=np.int64)
-    k = max(1, round(fraction * n))
-    if k >= n:
-        raise DataSpecError(
-            f"--valid-fraction {fraction} holds out {k} of {n} training samples and leaves none "
-            "to train on; lower it or use more data"
-        )
-    return np.sort(np.random.default_rng(HOLDOUT_SEED).permutation(n)[:k]).astype(np.int64)
 
 
 def fingerprint(texts: list[str], pairs: list[str] | None, labels: np.ndarray) -> str:

@@ -30,7 +30,7 @@ DEFAULT_PARAMS = "params.yaml"
 # CacheConfig's and TrainConfig's (pipeline.settings), which `sidecache cache`/`train` share
 CACHE_KEYS = (
     "backbone", "revision", "max_length", "layers", "positions", "dtype", "codec", "device",
-    "token_budget", "lst_prune",
+    "token_budget", "lst_prune", "pairs",
 )  # fmt: skip
 TRAIN_KEYS = ("epochs", "batch_size", "seed", "device", "ram_budget_mb")
 

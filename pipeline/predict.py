@@ -23,6 +23,7 @@ from pipeline.backbone import Backbone, load_backbone
 from pipeline.data import TextData
 from pipeline.errors import ConfigError, StoreMismatchError
 from pipeline.extract import DeviceBatch, encode, forward_rows, make_batch
+from pipeline.pairs import SEPARATE, join_rows, mode, pieces, tokenize_separate
 from pipeline.sidenets import SideBatch, StoreInfo, build, parse_spec
 from pipeline.tokens import PlanSettings, Tokenized, plan_batches, tokenize
 from storage import decode_rows
@@ -58,12 +59,19 @@ def check_identity(state: dict[str, Any], bb: Backbone) -> None:
 
 class Predictor(nn.Module):
     """Backbone + side network as one module: ``forward(input_ids, attention_mask,
-    token_type_ids=None) -> (B, C)`` logits (or ``(B, 1)`` regression values)."""
+    token_type_ids=None) -> (B, C)`` logits (or ``(B, 1)`` regression values).
 
-    def __init__(self, bb: Backbone, sidenet: nn.Module, info: StoreInfo, dtype: str):
+    For a side network trained on a ``--pairs separate`` store (``pairs="separate"``) the
+    backbone's sequences are single sentences: rows ``2i`` and ``2i + 1`` of ``input_ids`` are
+    sample ``i``'s first and second sentence, each encoded alone, and the output has one row per
+    pair."""
+
+    def __init__(self, bb: Backbone, sidenet: nn.Module, info: StoreInfo, dtype: str,
+                 pairs: str = "joint"):  # fmt: skip
         super().__init__()
         self.bb, self.sidenet, self.info, self.dtype = bb, sidenet.eval(), info, dtype
         self.layers = list(info.layers)
+        self.pairs = pairs
 
     def rows(self, batch: DeviceBatch) -> list[np.ndarray]:
         """Per sample ``(rows, L, D)`` float32, rounded exactly like the store."""
@@ -104,7 +112,9 @@ class Predictor(nn.Module):
             lengths=attention_mask.sum(1).to(self.bb.device),
         )
         rows, segments = self.rows(batch), None
-        if token_type_ids is not None and self.info.positions == "all":
+        if self.pairs == SEPARATE:
+            rows, segments = join_rows(rows)
+        elif token_type_ids is not None and self.info.positions == "all":
             types = token_type_ids.cpu().numpy()
             segments = [types[i, : len(r)] for i, r in enumerate(rows)]
         return self.side(rows, self.bb.device, segments)
@@ -116,6 +126,7 @@ class Loaded:
     state: dict[str, Any]
     plan: PlanSettings
     max_length: int
+    pairs: str = "joint"  # how the train store encoded sentence pairs (pipeline.pairs)
 
 
 def load_predictor(run: str | Path, device: str = "auto", backbone: str | None = None) -> Loaded:
@@ -130,36 +141,58 @@ def load_predictor(run: str | Path, device: str = "auto", backbone: str | None =
     sidenet.load_state_dict(state["state_dict"])
     ex = ident["extraction"]
     plan = PlanSettings.from_extraction(ex)
-    predictor = Predictor(bb, sidenet.to(bb.device), info, info.dtype)
-    return Loaded(predictor, state, plan, int(ident["tokenizer"]["max_length"]))
+    pairs = mode(ident)
+    predictor = Predictor(bb, sidenet.to(bb.device), info, info.dtype, pairs)
+    return Loaded(predictor, state, plan, int(ident["tokenizer"]["max_length"]), pairs)
 
 
 def predict(loaded: Loaded, data: TextData) -> np.ndarray:
-    """Outputs ``(N, C)`` for every sample of ``data``, in order."""
+    """Outputs ``(N, C)`` for every sample of ``data``, in order. The backbone runs the
+    sequences stage one ran for the training store: each sample, or with ``--pairs separate``
+    each sentence of a pair alone (its rows then joined, A's then B's, as the store holds them)."""
     p = loaded.predictor
     started = time.perf_counter()
-    tok: Tokenized = tokenize(p.bb.tokenizer, data, loaded.max_length, p.bb.takes_token_type_ids)
-    per_sample = tok.lengths if p.info.positions == "all" else np.ones(len(tok.lengths), np.int64)
+    tok, seqs = _sequences(loaded, data)
+    per_seq = seqs.lengths if p.info.positions == "all" else np.ones(len(seqs.lengths), np.int64)
     pairwise = p.info.positions == "all" and tok.type_ids is not None
+    per = 2 if seqs is not tok else 1  # sequences per sample
     ready: dict[int, np.ndarray] = {}
     outputs: list[np.ndarray] = []
     step, next_sample = int(loaded.state.get("eval_batch_size", 64)), 0
-    for samples in plan_batches(tok.lengths, per_sample, loaded.plan):
-        rows = p.rows(make_batch(tok, samples, p.bb.device))
-        ready.update(zip(samples.tolist(), rows, strict=True))
-        while all(i in ready for i in range(next_sample, min(next_sample + step, len(data)))):
+    for batch in plan_batches(seqs.lengths, per_seq, loaded.plan):
+        rows = p.rows(make_batch(seqs, batch, p.bb.device))
+        ready.update(zip(batch.tolist(), rows, strict=True))
+        while True:
             chunk = range(next_sample, min(next_sample + step, len(data)))
-            if not chunk:
+            if not chunk or any(i not in ready for i in range(per * chunk.start, per * chunk.stop)):
                 break
             segs = _segments(tok, chunk) if data.pairs is not None and pairwise else None
-            outputs.append(p.side([ready.pop(i) for i in chunk], p.bb.device, segs).float().cpu()
-                           .numpy())  # fmt: skip
+            got = [ready.pop(i) for i in range(per * chunk.start, per * chunk.stop)]
+            mine = got if per == 1 else join_rows(got)[0]
+            outputs.append(p.side(mine, p.bb.device, segs).float().cpu().numpy())
             next_sample = chunk.stop
     seconds = time.perf_counter() - started
     log.info("predicted %d samples (%d tokens) in %.1f s: %.0f samples/s, %.0f tokens/s",
              len(data), int(tok.offsets[-1]), seconds, len(data) / seconds,
              tok.offsets[-1] / seconds)  # fmt: skip
     return np.concatenate(outputs)
+
+
+def _sequences(loaded: Loaded, data: TextData) -> tuple[Tokenized, Tokenized]:
+    """``data``'s samples tokenised as the training store's were, and the sequences the
+    backbone runs (the samples themselves, or with ``--pairs separate`` each sentence alone)."""
+    bb = loaded.predictor.bb
+    if loaded.pairs != SEPARATE:
+        tok = tokenize(bb.tokenizer, data, loaded.max_length, bb.takes_token_type_ids)
+        return tok, tok
+    if data.pairs is None:
+        raise ConfigError(
+            "this side network was trained on sentence pairs cached with --pairs separate; "
+            f"{data.spec} has one text per sample: give the second sentences (--text-pair, or "
+            "data with a pair column)"
+        )
+    tok = tokenize_separate(bb.tokenizer, data, loaded.max_length)
+    return tok, pieces(tok, bb.takes_token_type_ids)
 
 
 def _segments(tok: Tokenized, samples: range) -> list[np.ndarray]:

@@ -72,6 +72,14 @@ class CacheConfig:
     )
     layers: str = setting("all", "all, or comma list like 0,3,-1")
     positions: str = setting("all", "all | first | last | mean")
+    # pipeline.pairs
+    pairs: str = setting(
+        "joint",
+        "sentence pairs: joint runs each pair as one sequence ([CLS] A [SEP] B [SEP]); "
+        "separate runs each sentence alone, as a bi-encoder such as MiniLM is used, and stores "
+        "A's rows then B's (needs --positions all)",
+        choices=("joint", "separate"),
+    )
     dtype: str = setting("bfloat16", "bfloat16 | float16 | float32 | int8")
     codec: str = setting("blosc-lz4:5", "blosc-lz4 | blosc-zstd | zstd | none [:LEVEL]")
     max_length: int | None = setting(None, "truncate samples to N tokens")

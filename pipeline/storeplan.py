@@ -117,6 +117,8 @@ def identity(
             "torch": torch.__version__.split("+")[0],
             "numerics": device_numerics(bb.device),
             "lst_prune": cfg.lst_prune,
+            # only where not the default, so joint stores keep the identity they always had
+            **({"pairs": cfg.pairs} if cfg.pairs != "joint" else {}),
         },
     }
 

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from pipeline import metrics, rng
 from pipeline.checkpoints import resume, save_best, write_outputs
-from pipeline.data import holdout_samples
 from pipeline.errors import ConfigError, StoreMismatchError
+from pipeline.holdout import holdout_samples
 from pipeline.loader import StoreLoader
 from pipeline.memory import cpu_threads, lean_malloc, trim_malloc
 from pipeline.optim import AdamW, WarmupDecay, schedule
@@ -108,7 +108,18 @@ def open_pair(train: str, eval_: str) -> tuple[StoreReader, StoreReader]:
         ev = open_store(eval_, expect=same_source(tr.meta))
     except StoreMismatchError as exc:
         raise StoreMismatchError(f"train and eval stores do not match: {exc}") from exc
+    if pair_mode(tr.identity) != pair_mode(ev.identity):
+        raise StoreMismatchError(
+            f"train and eval stores do not match: {train} encodes sentence pairs "
+            f"{pair_mode(tr.identity)}, {eval_} {pair_mode(ev.identity)} (--pairs of sidecache "
+            "cache); cache both with the same --pairs"
+        )
     return tr, ev
+
+
+def pair_mode(identity: dict[str, Any]) -> str:
+    """How a store encoded sentence pairs (``--pairs`` of stage one, :mod:`pipeline.pairs`)."""
+    return str(identity.get("extraction", {}).get("pairs", "joint"))
 
 
 def make_member(name: str, spec: SideSpec, info: StoreInfo, total: int, cfg: TrainConfig,

@@ -15,7 +15,9 @@ chunks back to back followed by an index that carries its own crc32c, with no pa
 byte of a store's chunk files is covered by a checksum.
 
 The batches are re-planned from the stored token lengths and the recorded plan settings, so each
-checked sample is recomputed inside exactly the batch it was stored from. On the device type the
+checked sample is recomputed inside exactly the batch it was stored from; in a ``--pairs
+separate`` store each sentence of a pair is its own sequence (:mod:`pipeline.pairs`), found from
+the stored segment ids, and is recomputed alone, as stage one ran it. On the device type the
 store was written on, with the same CPU numerics (vector instructions, MKL mode) and MKL strict,
 float32, float16 and bfloat16 (and int8) rows must match bit for bit; elsewhere they are
 compared with a tolerance and the report says why.
@@ -32,6 +34,7 @@ import torch
 from pipeline.backbone import cpu_numerics, gpu_numerics, load_backbone, thread_invariant
 from pipeline.errors import StoreCorruptError, StoreMismatchError, VerifyError
 from pipeline.extract import encode, forward_rows, make_batch
+from pipeline.pairs import SEPARATE, mode, piece_offsets, pieces
 from pipeline.tokens import PlanSettings, Tokenized, plan_batches
 from storage import StoreReader, decode_rows, open_store
 
@@ -47,6 +50,23 @@ def stored_plan(reader: StoreReader, tok: Tokenized) -> list[np.ndarray]:
     ex = reader.identity["extraction"]
     settings = PlanSettings.from_extraction(ex)
     return plan_batches(tok.lengths, np.diff(reader.offsets), settings)
+
+
+def stored_sequences(
+    reader: StoreReader, tok: Tokenized, takes_token_type_ids: bool
+) -> tuple[Tokenized, np.ndarray, list[np.ndarray]]:
+    """What stage one ran through the backbone, from the stored tokens: the sequences, the
+    sample each belongs to, and the batches (of sequences). Sequences are the samples, or in a
+    ``--pairs separate`` store each sentence of a pair (:mod:`pipeline.pairs`)."""
+    if mode(reader.identity) != SEPARATE:
+        return tok, np.arange(reader.layout.n_samples), stored_plan(reader, tok)
+    seqs = pieces(tok, takes_token_type_ids)
+    if not np.array_equal(reader.offsets, tok.offsets):
+        raise StoreCorruptError(f"{reader.path}: a --pairs separate store's rows must be its "
+                                "tokens (offsets == token_offsets); they differ")  # fmt: skip
+    settings = PlanSettings.from_extraction(reader.identity["extraction"])
+    owner = np.repeat(np.arange(reader.layout.n_samples), 2)
+    return seqs, owner, plan_batches(seqs.lengths, np.diff(piece_offsets(tok)), settings)
 
 
 def check_backbone_identity(
@@ -177,24 +197,30 @@ def run_verify(
     if not exact:
         log.warning("%s: comparing with a tolerance", why_inexact)
     tok = stored_tokens(reader)
-    batches = stored_plan(reader, tok)
-    owner = np.empty(lay.n_samples, dtype=np.int64)
+    # sequences the backbone ran: the samples, or the sentences of --pairs separate
+    seqs, sample_of, batches = stored_sequences(reader, tok, bb.takes_token_type_ids)
+    row_offsets = reader.offsets if seqs is tok else seqs.offsets  # rows = tokens when separate
+    batch_of = np.empty(len(sample_of), dtype=np.int64)
     for i, b in enumerate(batches):
-        owner[b] = i
+        batch_of[b] = i
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(lay.n_samples, size=min(samples, lay.n_samples), replace=False))
+    picked = np.isin(sample_of, chosen)  # the sequences of the chosen samples
     problems: list[str] = []
     max_err = {layer: 0.0 for layer in lay.layers}
     max_rel = {layer: 0.0 for layer in lay.layers}
-    for bi in sorted(set(owner[chosen].tolist())):
-        batch = make_batch(tok, batches[bi], bb.device)
+    for bi in sorted(set(batch_of[picked].tolist())):
+        batch = make_batch(seqs, batches[bi], bb.device)
         rows = forward_rows(bb, batch, lay.layers, lay.positions)
-        per = np.diff(reader.offsets)[batches[bi]]
+        per = np.diff(row_offsets)[batches[bi]]
         bounds = np.concatenate([[0], np.cumsum(per)])
-        for pos, sample in enumerate(batches[bi].tolist()):
-            if sample not in chosen:
+        for pos, seq in enumerate(batches[bi].tolist()):
+            if not picked[seq]:
                 continue
-            start, stop = int(reader.offsets[sample]), int(reader.offsets[sample + 1])
+            sample = int(sample_of[seq])
+            what = f"sample {sample}" if seqs is tok else (
+                f"sample {sample} ({('first', 'second')[seq % 2]} sentence)")  # fmt: skip
+            start, stop = int(row_offsets[seq]), int(row_offsets[seq + 1])
             for j, layer in enumerate(lay.layers):
                 fresh = rows[j][bounds[pos] : bounds[pos + 1]]
                 data, scale = encode(fresh, lay.dtype)
@@ -206,12 +232,12 @@ def run_verify(
                 if scale is not None:
                     same = same and np.array_equal(reader.raw_scales(layer, start, stop), scale)
                 if exact and not same:
-                    problems.append(f"sample {sample} layer {layer}")
+                    problems.append(f"{what} layer {layer}")
                 elif not exact:
                     off = off_by(decoded, decode_rows(data, lay.dtype, scale))
                     max_rel[layer] = max(max_rel[layer], off)
                     if off > TOLERANCE:
-                        problems.append(f"sample {sample} layer {layer} (off by {off:.3g} RMS)")
+                        problems.append(f"{what} layer {layer} (off by {off:.3g} RMS)")
     report = {
         "store": path,
         "metadata": meta_report,

@@ -10,7 +10,8 @@ A store is a Zarr v3 group::
       offsets                    (n_samples + 1,) int64 row offsets per sample
       token_offsets              (n_samples + 1,) int64 offsets into token_ids
       token_ids                  (n_tokens,) int32, every real (non-pad) token
-      token_type_ids             (n_tokens,) int8, only for backbones that take segment ids
+      token_type_ids             (n_tokens,) int8, only for backbones that take segment ids,
+                                 and in ``--pairs separate`` stores: each token's sentence (0, 1)
       labels                     (n_samples,) int64 class ids or float32 regression targets
       progress                   (n_shards, n_layers, 4) float64 per-shard stats; a row is
                                  written only after that shard of every layer is on disk

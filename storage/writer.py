@@ -345,6 +345,15 @@ class StoreWriter:
         other shards that arrive in a batch are dropped, as for shards already on disk."""
         self.owned = np.asarray(shards, dtype=bool).copy()
 
+    def by_units(self, offsets: np.ndarray) -> None:
+        """Take batches of other units than the store's samples: ``offsets`` ``(n + 1,)`` cuts
+        the rows into ``n`` consecutive ranges (the two sentences of each sample, say), and the
+        ``samples`` of every :class:`BatchRows` and of :meth:`needed_samples` are then units."""
+        offsets = np.asarray(offsets, dtype=np.int64)
+        if offsets[0] != 0 or offsets[-1] != self.layout.n_rows or (np.diff(offsets) < 0).any():
+            raise ValueError(f"unit offsets must rise from 0 to {self.layout.n_rows} rows")
+        self.offsets, self._seen = offsets, np.zeros(len(offsets) - 1, dtype=bool)
+
     def needed_samples(self) -> np.ndarray:
         """Boolean mask of the samples whose rows touch an owned shard not on disk yet."""
         starts, stops = self.offsets[:-1], self.offsets[1:]

@@ -20,15 +20,24 @@ used during each run (``/proc/stat``), to say how loaded the machine was.
 The table: score mean ± std over seeds (best epoch and final epoch), trainable parameters, median
 peak memory above idle, wall time and CPU-seconds; for cached methods the one-off stage-one cost
 separately and amortised over every side network trained from that store in this bench run.
+
+With ``--valid-fraction F`` every run holds out the same share of the training samples and
+chooses its best epoch on them; the table then gives dev at that epoch, the held-out score, and
+dev at the epoch dev itself picks (for comparison with papers), and per family of methods that
+differ only in ``lr=`` the learning rate chosen on the held-out samples
+(:mod:`pipeline.bench.select`), in ``bench.json``'s ``chosen`` and ``bench.md``.
 """
 
 from pipeline.bench.config import DEFAULT_METHODS, BenchConfig, split_method
 from pipeline.bench.report import summarise, to_markdown
 from pipeline.bench.runner import plan_jobs, run_bench
+from pipeline.bench.select import choose, lr_family
 
 __all__ = [
     "DEFAULT_METHODS",
     "BenchConfig",
+    "choose",
+    "lr_family",
     "plan_jobs",
     "run_bench",
     "split_method",

@@ -72,6 +72,14 @@ class BenchConfig:
         TrainConfig.threads,
         "cached runs: torch threads, as sidecache train --threads (0: its default, half the cores)",
     )
+    valid_fraction: float = setting(
+        0.0,
+        "every run (cached and online) holds out this share of the training samples (the same "
+        "draw for every run, seed and method) and chooses its best epoch on them, not on "
+        "--eval-split; the table then also chooses each method's lr= on them. 0 (default): "
+        "epochs are chosen on --eval-split",
+        metavar="F",
+    )
 
 
 def split_method(text: str) -> tuple[str, str]:

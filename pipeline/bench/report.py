@@ -1,4 +1,5 @@
-"""The bench table: score and cost per method, stage one amortised, the headline ratios."""
+"""The bench table: score and cost per method, stage one amortised, the headline ratios, and
+the learning rate chosen per family of methods (:mod:`pipeline.bench.select`)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ from typing import Any
 import torch
 
 from pipeline.bench.config import BenchConfig
+from pipeline.bench.select import choose, dev_best_on_eval, mean_std, valid_scores
 
 MB = 1e6
-
-
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _median(values: list[float]) -> float | None:
@@ -40,16 +36,23 @@ def method_row(
     ok = [r for r in runs if "payload" in r]
     best = [r["payload"]["eval"]["best"]["score"] for r in ok]
     final = [r["payload"]["eval"]["final"]["score"] for r in ok]
+    valid = [v["score"] for v in (valid_scores(r) for r in ok) if v is not None]
+    papers = [s["score"] for s in (dev_best_on_eval(r) for r in ok) if s is not None]
     gpu = bool(ok) and ok[0]["costs"]["gpu_peak_bytes"] is not None
     energy = [r["costs"]["gpu_energy_j"] for r in ok if r["costs"]["gpu_energy_j"] is not None]
     row: dict[str, Any] = {
         "method": method,
         "runs": len(ok),
         "failed": len(runs) - len(ok),
-        "score_best_mean": _mean_std(best)[0],
-        "score_best_std": _mean_std(best)[1],
-        "score_final_mean": _mean_std(final)[0],
-        "score_final_std": _mean_std(final)[1],
+        "chosen_on": "valid" if ok and len(valid) == len(ok) else "eval",
+        "score_best_mean": mean_std(best)[0],
+        "score_best_std": mean_std(best)[1],
+        "score_final_mean": mean_std(final)[0],
+        "score_final_std": mean_std(final)[1],
+        "valid_best_mean": mean_std(valid)[0],
+        "valid_best_std": mean_std(valid)[1],
+        "score_best_on_eval_mean": mean_std(papers)[0],
+        "score_best_on_eval_std": mean_std(papers)[1],
         "trainable_params": ok[0]["payload"]["trainable_params"] if ok else None,
         "peak_mb_above_idle": _median([(_peak(r) - (0 if gpu else idle)) / MB for r in ok]),
         "peak_kind": "gpu_allocated" if gpu else "rss",
@@ -131,6 +134,7 @@ def summarise(cfg: Any, records: list[dict[str, Any]]) -> dict[str, Any]:
         "stage_one": stage_one,
         "n_cached_networks": n_cached,
         "table": list(rows.values()),
+        "chosen": choose(list(cfg.methods), records),
         "ratios": ratios(rows, stage_one),
         "runs": records,
     }
@@ -154,10 +158,15 @@ def store_extras(cfg: dict[str, Any]) -> str:
     return out
 
 
-def to_markdown(report: dict[str, Any]) -> str:
-    cfg, env = report["config"], report["environment"]
-    lines = [
-        f"Backbone `{cfg['backbone']}`, data `{cfg['data']}` (train limit {cfg['limit']}, eval "
+def _pm(mean: Any, std: Any, digits: int = 4) -> str:
+    return f"{_fmt(mean, digits)} ± {_fmt(std, digits)}"
+
+
+def settings_line(cfg: dict[str, Any], env: dict[str, Any]) -> str:
+    held = cfg.get("valid_fraction") or 0.0
+    return (
+        f"Backbone `{cfg['backbone']}`, data `{cfg['data']}` (train limit {cfg['limit']}"
+        f"{f', {held:g} of it held out for validation' if held else ''}, eval "
         f"`{cfg['eval_split']}` limit {cfg['eval_limit']}), {cfg['epochs']} epochs, batch "
         f"{cfg['batch_size']}, max length {cfg['max_length']}, store dtype {cfg['dtype']}"
         f"{store_extras(cfg)}, "
@@ -169,16 +178,22 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{env['cpus']} CPUs, CUDA {env['cuda']}, idle peak RSS "
         f"{_fmt(min(env['idle_peak_rss_mb'] or [0]))} MB, "
         f"1-min load {env['load_average_1min_range']}"
-        f", other processes' CPU during the runs {_fmt(env['others_cpu_s_total'])} s.",
-        "",
-        "| method | runs | score best (mean ± std) | score final (mean ± std) | trainable params "
-        "| peak MB above idle | wall s | CPU-s | others' CPU-s | GPU energy J | stage one wall / "
-        "CPU-s (once) | per network + amortised stage one: wall / CPU-s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f", other processes' CPU during the runs {_fmt(env['others_cpu_s_total'])} s."
+    )
+
+
+def method_lines(table: list[dict[str, Any]], held: bool) -> list[str]:
+    """The per-method table; with held-out validation, dev is at the epoch chosen on it, and
+    two more columns: the validation score there, and dev at the epoch dev itself picks."""
+    best = "dev score, epoch chosen on validation" if held else "score best"
+    extra = " | validation score | dev score, epoch chosen on dev" if held else ""
+    lines = [
+        f"| method | runs | {best} (mean ± std) | score final (mean ± std){extra} | trainable "
+        "params | peak MB above idle | wall s | CPU-s | others' CPU-s | GPU energy J | stage one "
+        "wall / CPU-s (once) | per network + amortised stage one: wall / CPU-s |",
+        "|---|---|---|---|" + ("---|---|" if held else "") + "---|---|---|---|---|---|---|---|",
     ]
-    for r in report["table"]:
-        score_b = f"{_fmt(r['score_best_mean'], 4)} ± {_fmt(r['score_best_std'], 4)}"
-        score_f = f"{_fmt(r['score_final_mean'], 4)} ± {_fmt(r['score_final_std'], 4)}"
+    for r in table:
         s1 = (
             f"{_fmt(r['stage_one_wall_s'])} / {_fmt(r['stage_one_cpu_s'])}"
             if r["stage_one_wall_s"] is not None
@@ -189,20 +204,76 @@ def to_markdown(report: dict[str, Any]) -> str:
             if r["amortised_wall_s"] is not None
             else "–"
         )
-        params = _fmt(r["trainable_params"], 0)
         failed = f" (+{r['failed']} failed)" if r["failed"] else ""
+        cols = (
+            f" | {_pm(r.get('valid_best_mean'), r.get('valid_best_std'))} | "
+            f"{_pm(r.get('score_best_on_eval_mean'), r.get('score_best_on_eval_std'))}"
+            if held
+            else ""
+        )
         lines.append(
             f"| {r['method']} | {r['runs']}{failed}"
-            f" | {score_b} | {score_f} | {params} | {_fmt(r['peak_mb_above_idle'])} "
+            f" | {_pm(r['score_best_mean'], r['score_best_std'])} "
+            f"| {_pm(r['score_final_mean'], r['score_final_std'])}{cols} "
+            f"| {_fmt(r['trainable_params'], 0)} | {_fmt(r['peak_mb_above_idle'])} "
             f"| {_fmt(r['wall_s'])} | {_fmt(r['cpu_s'])} | {_fmt(r['others_cpu_s'])} "
             f"| {_fmt(r['gpu_energy_j'])} | {s1} | {am} |"
         )
+    return lines
+
+
+def _metrics(scores: dict[str, Any] | None) -> str:
+    """``accuracy 0.8000 ± 0.0100, f1 ...``: every metric but ``score``."""
+    if not scores:
+        return "–"
+    return ", ".join(f"{k} {_pm(v['mean'], v['std'])}" for k, v in scores.items() if k != "score")
+
+
+def _score(scores: dict[str, Any] | None) -> str:
+    s = (scores or {}).get("score")
+    return _pm(s["mean"], s["std"]) if s else "–"
+
+
+def chosen_lines(chosen: list[dict[str, Any]]) -> list[str]:
+    """The learning rate chosen per family of methods, and dev there."""
+    if not chosen:
+        return []
+    lines = [
+        "",
+        "Learning rate chosen per family (methods that differ only in `lr=`): the highest mean "
+        "over seeds of the validation score (samples held out of training; ties: the first "
+        "listed), each run's epoch chosen on them too; dev at that choice, mean ± sample std over "
+        "seeds. Chosen on dev (no held-out samples) marks an optimistic figure: lr and epoch "
+        "picked on the split reported.",
+        "",
+        "| family | chosen on | chosen lr | lrs tried (mean validation score, else dev) | runs "
+        "| validation score | dev score | dev metrics | dev score, epoch chosen on dev "
+        "| trainable params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in chosen:
+        on = "validation" if c["chosen_on"] == "valid" else "dev (optimistic)"
+        key = "valid_score_mean" if c["chosen_on"] == "valid" else "dev_score_mean"
+        tried = ", ".join(f"{x['lr']}: {_fmt(x[key], 4)}" for x in c["candidates"]) or "–"
+        if c["method"] is None:
+            lines.append(f"| {c['family']} | {on} | – | {tried} | 0 | – | – | – | – | – |")
+            continue
+        lr = c["lr"] if c["lr_value"] is None else f"{c['lr']} ({c['lr_value']:g})"
+        lines.append(
+            f"| {c['family']} | {on} | {lr} | {tried} | {c['runs']} | {_score(c['valid'])} "
+            f"| {_score(c['dev'])} | {_metrics(c['dev'])} | {_score(c['dev_best_on_eval'])} "
+            f"| {_fmt(c['trainable_params'], 0)} |"
+        )
+    return lines
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    cfg, env = report["config"], report["environment"]
+    held = any(r.get("chosen_on") == "valid" for r in report["table"])
+    lines = [settings_line(cfg, env), "", *method_lines(report["table"], held)]
+    lines += chosen_lines(report.get("chosen", []))
     lines += ["", f"Amortised over {report['n_cached_networks']} cached side networks. Ratios:", ""]
     for key, value in report["ratios"].items():
-        shown = (
-            f"{value[0]:.4f} ± {value[1]:.4f}"
-            if isinstance(value, tuple | list)
-            else f"{value:.3f}"
-        )
+        shown = _pm(value[0], value[1]) if isinstance(value, tuple | list) else f"{value:.3f}"
         lines.append(f"* `{key}`: {shown}")
     return "\n".join(lines) + "\n"

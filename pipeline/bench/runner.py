@@ -109,6 +109,11 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     parse_positions(cfg.positions)  # before any job runs
     if cfg.chunk_mb <= 0:
         raise ConfigError(f"--chunk-mb must be positive; found {cfg.chunk_mb}")
+    if not 0.0 <= cfg.valid_fraction < 1.0:
+        raise ConfigError(
+            "--valid-fraction: expected a share of the training samples, at least 0 and below 1; "
+            f"found {cfg.valid_fraction}"
+        )
     from pipeline.train import check_micro_rows  # the parent only: idle workers stay lean
 
     check_micro_rows(cfg.micro_rows)

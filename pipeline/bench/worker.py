@@ -95,6 +95,7 @@ def _job_cached(job: dict[str, Any]) -> dict[str, Any]:
             low_memory=cfg.low_memory,
             micro_rows=cfg.micro_rows,
             threads=cfg.threads,
+            valid_fraction=cfg.valid_fraction,
             progress=False,
         )
     )
@@ -120,6 +121,7 @@ def _job_online(job: dict[str, Any]) -> dict[str, Any]:
             max_length=cfg.max_length,
             dtype=cfg.dtype,
             eval_split=cfg.eval_split,
+            valid_fraction=cfg.valid_fraction,
             progress=False,
         )
     )

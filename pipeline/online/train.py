@@ -28,8 +28,9 @@ from tqdm import tqdm
 from pipeline import metrics
 from pipeline.backbone import Backbone, load_backbone, pick_device
 from pipeline.checkpoints import eval_summary, valid_summary
-from pipeline.data import head, holdout_samples, load_data
+from pipeline.data import head, load_data
 from pipeline.errors import ConfigError
+from pipeline.holdout import holdout_samples
 from pipeline.memory import peak_memory
 from pipeline.online.batches import TokenBatch, eval_plan, grouped_order, token_batch
 from pipeline.online.methods import build_online, is_side, parse_method

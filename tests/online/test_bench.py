@@ -40,6 +40,41 @@ def test_bench_runs_end_to_end_and_writes_the_table(model_dir, glue_dir, tmp_pat
     assert (out / "bench.csv").read_text().startswith("method,")
 
 
+@pytest.mark.slow  # six subprocesses: ~30 s when idle
+def test_bench_holds_out_validation_samples_and_chooses_the_lr_on_them(model_dir, glue_dir,
+                                                                        tmp_path):  # fmt: skip
+    out = tmp_path / "bench"
+    lrs = "cached:read:hidden=16;lr=1e-3,cached:read:hidden=16;lr=3e-2,online:full:lr=1e-4"
+    rc = main(["bench", "--backbone", model_dir("bert"), "--data", f"glue:{glue_dir}",
+               "--out", str(out), "--methods", lrs, "--seeds", "0", "--epochs", "2",
+               "--batch-size", "16", "--limit", "48", "--eval-limit", "16", "--max-length", "32",
+               "--device", "cpu", "--valid-fraction", "0.25"])  # fmt: skip
+    assert rc == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert report["config"]["valid_fraction"] == 0.25
+    runs = [r for r in report["runs"] if r["kind"] in ("cached", "online")]
+    assert len(runs) == 3
+    for r in runs:
+        ev, held = r["payload"]["eval"], r["payload"]["valid"]
+        assert ev["chosen_on"] == "valid" and held["fraction"] == 0.25
+        assert ev["best_epoch"] in (1, 2) and ev["best_on_eval_epoch"] in (1, 2)
+    online_run = next(r for r in runs if r["kind"] == "online")["payload"]
+    held_scores = [h["valid"]["score"] for h in online_run["history"]]
+    assert online_run["valid"]["best"]["score"] == max(held_scores)
+    assert all(r["chosen_on"] == "valid" for r in report["table"])
+    cached, online = report["chosen"]
+    assert cached["family"] == "cached:read:hidden=16" and online["family"] == "online:full"
+    means = {c["method"]: c["valid_score_mean"] for c in cached["candidates"]}
+    assert cached["method"] == max(means, key=means.__getitem__)
+    by_method = {r["method"]: r for r in runs}
+    chosen_run = by_method[cached["method"]]["payload"]
+    assert cached["dev"]["score"]["mean"] == chosen_run["eval"]["best"]["score"]
+    assert cached["valid"]["score"]["mean"] == chosen_run["valid"]["best"]["score"]
+    assert online["method"] == "online:full:lr=1e-4" and online["chosen_on"] == "valid"
+    text = (out / "bench.md").read_text()
+    assert "| cached:read:hidden=16 | validation |" in text
+
+
 def fake_run(kind, method, seed, score, wall, cpu, peak_mb):
     costs = {"wall_s": wall, "cpu_s": cpu, "peak_rss_bytes": peak_mb * 1e6,
              "gpu_peak_bytes": None, "gpu_energy_j": None}  # fmt: skip
@@ -108,3 +143,14 @@ def test_jobs_are_interleaved_and_bad_methods_refused():
     for bad in ("read", "cached:bogus", "online:linear"):
         with pytest.raises(ConfigError):
             plan_jobs(BenchConfig(backbone="b", data="d", out="o", methods=[bad]), Path("o"))
+
+
+def test_a_valid_fraction_outside_zero_to_one_is_refused_before_any_job(tmp_path):
+    from pipeline.bench import run_bench
+
+    for bad in (-0.1, 1.0):
+        cfg = BenchConfig(backbone="b", data="d", out=str(tmp_path), methods=["cached:linear"],
+                          valid_fraction=bad)  # fmt: skip
+        with pytest.raises(ConfigError, match="--valid-fraction"):
+            run_bench(cfg)
+    assert not any(tmp_path.iterdir())

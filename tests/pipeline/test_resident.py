@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import holdout_samples
+from pipeline.holdout import holdout_samples
 from pipeline.loader import StoreLoader
 from pipeline.resident import ResidentLoader, resident_bytes
 from storage import open_store

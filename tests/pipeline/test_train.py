@@ -94,7 +94,8 @@ def test_many_per_pass_outputs_and_independence(stores, tmp_path):
             p.name for p in folder.iterdir()
         }
         saved = json.loads((folder / "metrics.json").read_text())
-        assert saved["finished"] and set(saved["eval"]) == {"best", "final", "best_epoch"}
+        assert saved["finished"] and saved["eval"]["chosen_on"] == "eval"
+        assert set(saved["eval"]) == {"best", "final", "best_epoch", "chosen_on"}
         assert 0.0 <= saved["eval"]["best"]["accuracy"] <= 1.0 and saved["trainable_params"] > 0
         ckpt = torch.load(folder / "best.pt", weights_only=False)
         assert ckpt["store_identity"] == open_store(stores["train-all"]).identity

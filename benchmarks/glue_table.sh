@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GLUE table (BENCHMARKS.md "Side networks against fine-tuning"): MiniLM, dev scores at the
+# setting chosen on 10% of the training set held out for validation (--valid-fraction 0.1).
+#
+#   bash benchmarks/glue_table.sh WORK PART [PART ...]
+#
+# PARTs, each resumable on its own (a finished store or run is kept):
+#   stores            every task's train and dev stores (MRPC and WNLI also with --pairs separate)
+#   side-TASK         side networks on TASK's stores: one `sidecache sweep` (3 seeds, every spec)
+#   online-TASK       full fine-tuning, LoRA and MEFT on TASK: one `sidecache bench`
+#   table             benchmarks.glue_table over everything under WORK -> WORK/glue.md
+# TASK is one of MRPC, MRPC-sep (MRPC cached with --pairs separate), CoLA, WNLI, WNLI-sep, SST-2.
+set -euo pipefail
+WORK=${1:?usage: glue_table.sh WORK PART [PART ...]}
+shift
+PY=${PY:-.venv/bin/python}
+GLUE=${GLUE:-../shared/data/glue}
+SEEDS=${SEEDS:-0,1,2}
+VALID=0.1
+
+sidecache() { "$PY" -m stages.cli "$@"; }
+
+epochs_of() {  # side-network epochs per task: SST-2's 60k training sentences need fewer
+  case $1 in SST-2) echo 3 ;; WNLI*) echo 10 ;; *) echo 6 ;; esac
+}
+
+pair_task() { case $1 in MRPC* | WNLI*) return 0 ;; *) return 1 ;; esac; }
+
+stores() {
+  local t s
+  for t in MRPC WNLI CoLA SST-2; do
+    for s in train dev; do
+      [ -f "$WORK/stores/$t/$s/zarr.json" ] || sidecache cache --backbone minilm \
+        --data "glue:$GLUE/$t" --split "$s" --out "$WORK/stores/$t/$s" --max-length 128 \
+        --lst-prune 8 --no-progress --overwrite
+      if pair_task "$t"; then
+        [ -f "$WORK/stores/$t-sep/$s/zarr.json" ] || sidecache cache --backbone minilm \
+          --data "glue:$GLUE/$t" --split "$s" --out "$WORK/stores/$t-sep/$s" --max-length 128 \
+          --lst-prune 8 --pairs separate --no-progress --overwrite
+      fi
+    done
+  done
+}
+
+side_specs() {  # every family at learning rates 1e-3 and 3e-3
+  local lr p=""
+  pair_task "$1" && p="pool=pair,"  # pair tasks: each sentence pooled on its own
+  for lr in 1e-3 3e-3; do
+    echo "linear:lr=$lr,name=linear-$lr"
+    echo "mlp:lr=$lr,name=mlp-$lr"
+    if [ -n "$p" ]; then
+      echo "linear:${p}lr=$lr,name=linear-pair-$lr"
+      echo "mlp:${p}lr=$lr,name=mlp-pair-$lr"
+    fi
+    echo "read:${p}lr=$lr,name=read-$lr"
+    echo "lst:${p}lr=$lr,name=lst-$lr"
+    echo "lst:${p}init=pruned,lr=$lr,name=lst-pruned-$lr"
+  done
+}
+
+side() {
+  local task=$1 args=()
+  while read -r spec; do args+=(--sidenet "$spec"); done < <(side_specs "$task")
+  sidecache sweep --task "$task=$WORK/stores/$task/train,$WORK/stores/$task/dev" "${args[@]}" \
+    --seeds "$SEEDS" --epochs "$(epochs_of "$task")" --valid-fraction $VALID \
+    --out "$WORK/side/$task" --workers 2 --threads 1
+}
+
+online() {  # full fine-tuning at two learning rates, LoRA and MEFT at their defaults
+  local task=$1
+  sidecache bench --backbone minilm --data "glue:$GLUE/$task" --out "$WORK/online/$task" \
+    --epochs 3 --seeds "$SEEDS" --valid-fraction $VALID --max-length 128 \
+    --methods "online:full:lr=2e-5,online:full:lr=5e-5,online:lora,online:meft"
+}
+
+for part in "$@"; do
+  case $part in
+    stores) stores ;;
+    side-*) side "${part#side-}" ;;
+    online-*) online "${part#online-}" ;;
+    table) "$PY" -m benchmarks.glue_table "$WORK/glue.md" "$WORK"/side/* "$WORK"/online/* ;;
+    *) echo "unknown part $part" >&2; exit 2 ;;
+  esac
+done
