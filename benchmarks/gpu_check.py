@@ -29,6 +29,14 @@ stage_two
     (READ) and K = 8 (four READ variants, LST, linear, two MLPs) with the stores resident on
     the GPU (CUDA's default), in RAM and streamed (``device_budget_mb=0``, and
     ``ram_budget_mb=0`` to stream): epoch wall, ms per step, peak GPU memory.
+online
+    The BERT-base-shaped backbone on the first ``--online-limit`` SST-2 train samples and SST-2
+    dev, three arms timed end to end (loading, tokenising and evaluating included): *stage_one*
+    (``run_cache`` of train and dev into fresh stores), *cached* (``run_train`` of READ h128 for
+    10 epochs from them, resident on CUDA) and *online* (``run_online`` of the same READ spec,
+    batch size and seed for 10 epochs, the backbone run every step on float32 rows): wall, dev
+    accuracy after the last epoch, peak GPU memory per arm, and ``cache_plus_10ep_over_online``
+    = (stage one + cached) ÷ online.
 verify
     ``run_verify`` of the MiniLM stage-one store on the check's device (checksums included) and
     on the CPU: passed or not, exact or with a tolerance and why, per-layer max error.
@@ -37,7 +45,9 @@ Keys that stay put: ``stage_one.<model>.tokens_per_s`` / ``.roofline_ratio`` / `
 ``.cores_used``; ``stage_two.k8_over_k1`` and ``stage_two.ms_per_step`` (K = 1) of the default
 mode (``stage_two.primary_mode``: resident on CUDA, in RAM on the CPU), ``stage_two.k8_over_k1_
 <mode>``, ``stage_two.peak_gpu_mb`` (CUDA) and ``stage_two.peak_mb`` (GPU on CUDA, RSS on the
-CPU); ``verify.device`` / ``verify.cpu`` ``.passed``; ``summary.problems``.
+CPU); ``online.cache_plus_10ep_over_online``, ``online.wall_s.<arm>``, ``online.dev_accuracy.
+<cached|online>``, ``online.peak_gpu_mb.<arm>`` (CUDA) and ``online.peak_mb.<arm>``;
+``verify.device`` / ``verify.cpu`` ``.passed``; ``summary.problems``.
 
 Run from the repository root (on the GPU machine through ``benchmarks/gpu_check.sh``)::
 
@@ -51,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gc
 import importlib.metadata
 import json
 import logging
@@ -77,9 +88,10 @@ import torch
 
 log = logging.getLogger("benchmarks.gpu_check")
 REPO = Path(__file__).resolve().parent.parent
-PHASES = ("environment", "gpu_tests", "stage_one", "stage_two", "verify")
-LIMITS_S = {"environment": 20, "gpu_tests": 170, "stage_one": 130, "stage_two": 110, "verify": 40}
-BUDGET_S = 470.0  # all phases together (under 8 minutes)
+PHASES = ("environment", "gpu_tests", "stage_one", "stage_two", "online", "verify")
+LIMITS_S = {"environment": 20, "gpu_tests": 170, "stage_one": 130, "stage_two": 110, "online": 60,
+            "verify": 40}  # fmt: skip
+BUDGET_S = 530.0  # all phases together (under 9 minutes)
 GRACE_S = 10.0  # a phase process past its limit by this much ends itself (its parent is gone)
 HUGE_MB = 1 << 20  # a RAM budget every store fits (1 TiB)
 MB = 1 << 20
@@ -120,6 +132,7 @@ class Sizes:
     warmup: int = 8
     verify_samples: int = 8
     gpu_tests: int | None = None  # run only the first N collected tests
+    online_limit: int = 3000  # SST-2 train samples of the online phase (BERT-base-shaped)
 
 
 FULL = Sizes(
@@ -128,6 +141,8 @@ FULL = Sizes(
     stage_one_limits={"minilm": None, "bert": 24000},
     stage_two_limit=12000,
     dev_limit=None,
+    # ~40 s on the H200: 94 steps an epoch, online READ ~15 ms a step, cached ~9 (estimates)
+    online_limit=3000,
 )
 TINY = {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
 SMOKE = Sizes(
@@ -143,6 +158,7 @@ SMOKE = Sizes(
     stage_one_limits={"minilm": 300, "bert": 300},
     stage_two_limit=300,
     dev_limit=120,
+    online_limit=120,
     warmup=2,
     verify_samples=4,
     gpu_tests=2,
@@ -778,6 +794,134 @@ def stage_two_ratios(d: dict[str, Any]) -> None:
     d["peak_mb"] = max(gpu) if gpu else max(r["peak_rss_mb"] for r in runs.values())
 
 
+# -- phase: online -------------------------------------------------------------------------------
+ONLINE_EPOCHS = 10
+ONLINE_SPEC = K1[0]  # the same READ in both arms
+ONLINE_DTYPE = "float32"  # online READ uses the backbone's rows as they are (no host round trip)
+
+
+def fresh_device(device: str) -> float:
+    """Free what the last arm left behind; the MB still allocated on the GPU (0 on the CPU)."""
+    gc.collect()
+    if not device.startswith("cuda"):
+        return 0.0
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated() / MB
+
+
+def bert_backbone(ctx: Context) -> str:
+    root = Path(ctx.work) / "backbones"
+    root.mkdir(parents=True, exist_ok=True)
+    return build_backbone(root / "bert", ctx.sizes.shapes["bert"], ctx.tokenizer_dir)
+
+
+def online_stage_one(ctx: Context, folder: str, train: Path, dev: Path) -> dict[str, Any]:
+    """Stage one into fresh train and dev stores, timed together as one arm."""
+    from pipeline.cache import run_cache
+
+    for path in (train, dev):
+        shutil.rmtree(path, ignore_errors=True)
+    limits = {"train": ctx.sizes.online_limit, "dev": ctx.sizes.dev_limit}
+    paths = {"train": train, "dev": dev}
+    figures, _ = measure(ctx.device, 1, lambda: [
+        run_cache(cache_config(ctx, folder, split, limits[split], paths[split]))
+        for split in ("train", "dev")
+    ])  # fmt: skip
+    stores = {split: store_facts(path) for split, path in paths.items()}
+    tokens = sum(s["tokens"] for s in stores.values())
+    return {**figures, "tokens_per_s": tokens / figures["wall_s"], "stores": stores}
+
+
+def arm_scores(metrics_: dict[str, Any]) -> dict[str, Any]:
+    """A run's dev accuracy after the last epoch and at its best epoch, from its metrics."""
+    ev = metrics_["eval"]
+    return {"epochs": metrics_["epochs"], "final_accuracy": (ev["final"] or {}).get("accuracy"),
+            "best_accuracy": (ev["best"] or {}).get("accuracy"), "best_epoch": ev["best_epoch"],
+            "train_loss": metrics_["train_loss"], "own_wall_s": metrics_["wall_time_s"],
+            "trainable_params": metrics_["trainable_params"]}  # fmt: skip
+
+
+def cached_arm(ctx: Context, train: Path, dev: Path, out: Path, tokens: int) -> dict[str, Any]:
+    """``run_train`` of READ for ``ONLINE_EPOCHS`` from the stores, its defaults otherwise
+    (on CUDA both stores resident on the GPU)."""
+    from pipeline.train import TrainConfig, run_train
+
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = TrainConfig(train=str(train), eval=str(dev), specs=[ONLINE_SPEC], epochs=ONLINE_EPOCHS,
+                      out=str(out), batch_size=ctx.sizes.batch_size, seed=0, device=ctx.device,
+                      progress=False)  # fmt: skip
+    figures, res = measure(ctx.device, ONLINE_EPOCHS * tokens, lambda: run_train(cfg))
+    shutil.rmtree(out, ignore_errors=True)
+    return {**figures, **arm_scores(next(iter(res.values())))}
+
+
+def online_arm(ctx: Context, folder: str, out: Path, tokens: int) -> dict[str, Any]:
+    """``run_online`` of the same READ on the same samples: the backbone runs every step."""
+    from pipeline.memory import cpu_threads
+    from pipeline.online import OnlineConfig, run_online
+
+    shutil.rmtree(out, ignore_errors=True)
+    if ctx.device == "cpu":  # run_train's threads (the cached arm's), not torch's default
+        torch.set_num_threads(cpu_threads(0))
+    cfg = OnlineConfig(backbone=folder, data=sst2(ctx), spec=ONLINE_SPEC, epochs=ONLINE_EPOCHS,
+                       out=str(out), batch_size=ctx.sizes.batch_size, seed=0, device=ctx.device,
+                       limit=ctx.sizes.online_limit, eval_limit=ctx.sizes.dev_limit,
+                       dtype=ONLINE_DTYPE, progress=False)  # fmt: skip
+    figures, res = measure(ctx.device, ONLINE_EPOCHS * tokens, lambda: run_online(cfg))
+    shutil.rmtree(out, ignore_errors=True)
+    return {**figures, **arm_scores(res)}
+
+
+def phase_online(ctx: Context, rec: Recorder) -> None:
+    """Stage one (train + dev) and ``ONLINE_EPOCHS`` of cached READ against as many epochs of
+    online READ, BERT-base-shaped: wall, dev accuracy and peak memory per arm."""
+    d = rec.data
+    folder = bert_backbone(ctx)
+    torch.zeros(1, device=ctx.device)  # the CUDA context, outside every arm
+    sync(ctx.device)
+    train, dev = ctx.stores / "bert-online-train", ctx.stores / "bert-online-dev"
+    d.update(backbone=folder, shape=ctx.sizes.shapes["bert"], spec=ONLINE_SPEC,
+             epochs=ONLINE_EPOCHS, batch_size=ctx.sizes.batch_size, seed=0,
+             limit=ctx.sizes.online_limit, online_dtype=ONLINE_DTYPE, arms={})  # fmt: skip
+    arms = d["arms"]
+    fresh_device(ctx.device)
+    arms["stage_one"] = online_stage_one(ctx, folder, train, dev)
+    rec.save()
+    tokens = arms["stage_one"]["stores"]["train"]["tokens"]
+    work = Path(ctx.work)
+    for name, run in (
+        ("cached", lambda: cached_arm(ctx, train, dev, work / "cached-out", tokens)),
+        ("online", lambda: online_arm(ctx, folder, work / "online-out", tokens)),
+    ):
+        base = fresh_device(ctx.device)
+        arms[name] = {**run(), "base_gpu_mb": base if ctx.device.startswith("cuda") else None}
+        online_ratios(d)
+        rec.save()
+    for path in (train, dev):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def online_ratios(d: dict[str, Any]) -> None:
+    """The headline figures from the arms so far: seconds per arm, stage one + cached epochs ÷
+    online epochs, cached ÷ online, the epochs after which caching has paid for itself."""
+    arms = d["arms"]
+    d["wall_s"] = {name: a["wall_s"] for name, a in arms.items()}
+    d["dev_accuracy"] = {n: arms[n]["final_accuracy"] for n in ("cached", "online") if n in arms}
+    gpu = {name: a.get("peak_gpu_mb") for name, a in arms.items()}
+    d["peak_gpu_mb"] = gpu if any(v is not None for v in gpu.values()) else None
+    d["peak_mb"] = {name: a.get("peak_gpu_mb", a.get("peak_rss_mb")) for name, a in arms.items()}
+    if not {"stage_one", "cached", "online"} <= arms.keys():
+        return
+    one, cached, online = (arms[n]["wall_s"] for n in ("stage_one", "cached", "online"))
+    d["cache_plus_10ep_over_online"] = (one + cached) / online
+    d["cached_over_online"] = cached / online
+    saved = (online - cached) / d["epochs"]  # per epoch
+    d["break_even_epochs"] = one / saved if saved > 0 else None
+    acc = d["dev_accuracy"]
+    if None not in acc.values():
+        d["accuracy_gap"] = abs(acc["cached"] - acc["online"])
+
+
 # -- phase: verify -------------------------------------------------------------------------------
 def layer_errors(path: Path, samples: int, device: str) -> dict[str, Any]:
     """Per-layer max |stored - fresh float32| and how many stored rows are bit-equal, over the
@@ -867,6 +1011,7 @@ PHASE_FUNCS: dict[str, Callable[[Context, Recorder], None]] = {
     "gpu_tests": phase_gpu_tests,
     "stage_one": phase_stage_one,
     "stage_two": phase_stage_two,
+    "online": phase_online,
     "verify": phase_verify,
 }
 
@@ -1020,6 +1165,16 @@ def headline(report: dict[str, Any]) -> list[str]:
             f"  stage two ({s2['primary_mode']}): K8/K1 {s2['k8_over_k1']:.2f}, "
             f"{s2['ms_per_step']:.1f} ms/step (K=1), peak {s2['peak_mb']:.0f} MB"
         )
+    on = report.get("online", {})
+    if on.get("cache_plus_10ep_over_online"):
+        w = on["wall_s"]
+        acc = {k: float("nan") if v is None else v for k, v in on["dev_accuracy"].items()}
+        lines.append(
+            f"  online ({on['limit']} samples, {on['epochs']} epochs): stage one "
+            f"{w['stage_one']:.1f} s + cached {w['cached']:.1f} s vs online {w['online']:.1f} s "
+            f"= {on['cache_plus_10ep_over_online']:.3f}; dev accuracy {acc['cached']:.3f} cached, "
+            f"{acc['online']:.3f} online"
+        )
     lines.append(f"  problems: {report['summary']['problems'] or 'none'}")
     return lines
 
@@ -1056,6 +1211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--glue-dir", default=None, help="folder holding SST-2/ (GLUE TSV layout)")
     p.add_argument("--tokenizer-dir", default=None, help="the MiniLM tokenizer and config")
     p.add_argument("--stage-two-limit", type=int, default=None, help="train samples, stage two")
+    p.add_argument("--online-limit", type=int, default=None,
+                   help=f"SST-2 train samples of the online phase (default {FULL.online_limit}; "
+                   f"--smoke {SMOKE.online_limit})")  # fmt: skip
     p.add_argument("--run-phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.run_phase is None and not args.out:
@@ -1073,6 +1231,8 @@ def make_context(args: argparse.Namespace, work: Path) -> Context:
     sizes = SMOKE if args.smoke else FULL
     if args.stage_two_limit:
         sizes = dataclasses.replace(sizes, stage_two_limit=args.stage_two_limit)
+    if args.online_limit:
+        sizes = dataclasses.replace(sizes, online_limit=args.online_limit)
     return Context(device=device, smoke=args.smoke, work=str(work),
                    glue_dir=args.glue_dir or default_glue_dir(),
                    tokenizer_dir=args.tokenizer_dir or default_tokenizer_dir(),

@@ -6,7 +6,7 @@
 # Run from the repository root on a machine prepared by `make gpu-wheels` (its .whl/ and
 # .gpuassets/ carried along). Writes OUT_DIR/gpu_check.json (rewritten after every phase) and
 # OUT_DIR/gpu_check.log (everything printed). Options after OUT_DIR go to
-# `python3 -m benchmarks.gpu_check` (e.g. --smoke, --device cpu, --phases environment,stage_one).
+# `python3 -m benchmarks.gpu_check` (e.g. --smoke, --device cpu, --phases environment,online).
 # SITE (default /tmp/site) is where the wheels are installed; PYTHON (default python3) runs it.
 set -uo pipefail
 

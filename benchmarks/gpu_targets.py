@@ -45,7 +45,30 @@ def figures(report: dict[str, Any]) -> dict[str, Any]:
     out["stage_two.k8_over_k1"] = two.get("k8_over_k1")
     out["stage_two.ms_per_step"] = {"k1": two.get("ms_per_step"), "k8": two.get("ms_per_step_k8")}
     out["stage_two.peak_gpu_mb"] = two.get("peak_gpu_mb")
-    out["stage_two.cache_plus_10ep_over_online"] = None  # gpu_check runs no online baseline
+    out.update(online_figures(report))
+    return out
+
+
+def online_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The online phase's figures (BERT-base-shaped, 10 epochs of READ): the target ratio, wall
+    and peak GPU memory per arm, the dev accuracies; ``null`` with the reason where the report
+    has no such figures (reports from before the phase existed, or the phase failed)."""
+    on = report.get("online", {})
+    ratio = on.get("cache_plus_10ep_over_online")
+    out: dict[str, Any] = {
+        "stage_two.cache_plus_10ep_over_online": ratio,
+        "stage_two.online.wall_s": on.get("wall_s"),
+        "stage_two.online.dev_accuracy": on.get("dev_accuracy"),
+        "stage_two.online.peak_gpu_mb": on.get("peak_gpu_mb"),
+        "stage_two.online.samples": on.get("limit"),
+    }
+    if ratio is None:
+        phase = report.get("phases", {}).get("online")
+        out["stage_two.online.missing"] = (
+            "the report has no online phase (gpu_check --phases ...,online)"
+            if phase is None
+            else f"online phase {phase.get('status')}: {phase.get('error') or 'no ratio'}"
+        )
     return out
 
 

@@ -9,6 +9,7 @@ agree with what training recorded, and writes one flat metrics file (one row of
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,9 @@ def evaluate_run(run: str | Path, eval_store: str, *, device: str = "cpu",
         reader = open_store(eval_store, expect=same_source(meta))
     except StoreMismatchError as exc:
         raise StoreMismatchError(f"{run} was trained on another kind of store: {exc}") from exc
-    info = StoreInfo.from_meta(reader.meta)
+    # a run from before StoreInfo.pairs pooled pairs the backbone's way: build it as trained
+    info = dataclasses.replace(StoreInfo.from_meta(reader.meta),
+                               pairs=bool(trained_on.get("pairs", False)))  # fmt: skip
     dev = pick_device(device)
     model = build(parse_spec(state["spec"]), info)
     model.load_state_dict(state["state_dict"])

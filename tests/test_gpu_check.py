@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import gpu_check
+from benchmarks import gpu_check, gpu_targets
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -79,6 +79,73 @@ def test_stage_two_reports_k8_over_k1_step_time_and_memory(smoke):
     assert smoke["stage_two"]["loader"]["stream"]["in_ram"] is False
     positive(smoke, "stage_two.loader.stream.samples_per_s")
     assert smoke["stage_two"]["peak_gpu_mb"] is None  # no GPU here
+
+
+def test_the_online_phase_reports_cache_plus_10_epochs_over_online(smoke):
+    on = smoke["online"]
+    for key in ("cache_plus_10ep_over_online", "cached_over_online"):
+        positive(smoke, f"online.{key}")
+    for arm in ("stage_one", "cached", "online"):
+        wall = positive(smoke, f"online.wall_s.{arm}")
+        assert wall == on["arms"][arm]["wall_s"]
+        positive(smoke, f"online.arms.{arm}.tokens_per_s")
+        positive(smoke, f"online.peak_mb.{arm}")  # RSS here; GPU memory on CUDA
+    for arm in ("cached", "online"):
+        positive(smoke, f"online.dev_accuracy.{arm}")
+        assert on["arms"][arm]["epochs"] == on["epochs"] == 10
+        assert on["arms"][arm]["final_accuracy"] == on["dev_accuracy"][arm]
+    w = on["wall_s"]
+    assert on["cache_plus_10ep_over_online"] == (w["stage_one"] + w["cached"]) / w["online"]
+    # the same READ, the same samples: equal sizes, the BERT-shaped smoke backbone
+    assert on["arms"]["cached"]["trainable_params"] == on["arms"]["online"]["trainable_params"]
+    assert on["limit"] == gpu_check.SMOKE.online_limit
+    assert on["arms"]["stage_one"]["stores"]["train"]["samples"] == on["limit"]
+    assert on["arms"]["stage_one"]["stores"]["train"]["layers"] == 4  # 3 layers + embeddings
+    assert on["peak_gpu_mb"] is None  # no GPU here
+
+
+def test_gpu_targets_reads_the_online_ratio_and_is_null_without_it(smoke):
+    found = gpu_targets.figures(smoke)
+    ratio = found["stage_two.cache_plus_10ep_over_online"]
+    assert ratio == smoke["online"]["cache_plus_10ep_over_online"] > 0
+    assert gpu_targets.verdicts(found)["stage_two.cache_plus_10ep_over_online"]["met"] in (
+        True,
+        False,
+    )
+    for path in sorted((REPO / "benchmarks" / "results").glob("gpu_check-*.json")):
+        found = gpu_targets.figures(json.loads(path.read_text()))  # reports without the phase
+        assert found["stage_two.cache_plus_10ep_over_online"] is None, path
+        assert "no online phase" in found["stage_two.online.missing"]
+        assert gpu_targets.verdicts(found)["stage_two.cache_plus_10ep_over_online"]["met"] is None
+    failed = {"phases": {"online": {"status": "timeout", "error": "ran past its 60 s limit"}}}
+    assert "timeout" in gpu_targets.figures(failed)["stage_two.online.missing"]
+
+
+def test_the_online_ratios_from_the_arms():
+    d: dict[str, Any] = {"epochs": 10, "arms": {
+        "stage_one": {"wall_s": 2.0, "peak_gpu_mb": 900.0},
+        "cached": {"wall_s": 3.0, "peak_gpu_mb": 600.0, "final_accuracy": 0.75},
+    }}  # fmt: skip
+    gpu_check.online_ratios(d)  # the online arm not done (yet): no ratio
+    assert "cache_plus_10ep_over_online" not in d and d["wall_s"]["cached"] == 3.0
+    d["arms"]["online"] = {"wall_s": 25.0, "peak_gpu_mb": 700.0, "final_accuracy": 0.5}
+    gpu_check.online_ratios(d)
+    assert (d["cache_plus_10ep_over_online"], d["cached_over_online"]) == (0.2, 0.12)
+    assert d["break_even_epochs"] == 2.0 / 2.2 and d["accuracy_gap"] == 0.25
+    assert d["peak_gpu_mb"] == {"stage_one": 900.0, "cached": 600.0, "online": 700.0}
+    assert d["dev_accuracy"] == {"cached": 0.75, "online": 0.5}
+    d["arms"]["online"]["wall_s"] = 2.5  # online faster per epoch: caching never pays off
+    gpu_check.online_ratios(d)
+    assert d["break_even_epochs"] is None
+
+
+def test_online_limit_is_a_flag():
+    args = gpu_check.parse_args(["--out", "x", "--smoke", "--online-limit", "64"])
+    assert gpu_check.make_context(args, Path("/tmp")).sizes.online_limit == 64
+    args = gpu_check.parse_args(["--out", "x", "--phases", "online"])
+    sizes = gpu_check.make_context(args, Path("/tmp")).sizes
+    assert sizes.online_limit == gpu_check.FULL.online_limit
+    assert sum(gpu_check.LIMITS_S.values()) <= gpu_check.BUDGET_S
 
 
 def test_verify_passes_on_the_device_and_on_the_cpu(smoke):

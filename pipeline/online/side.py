@@ -21,8 +21,10 @@ from pipeline.sidenets import SideBatch, StoreInfo
 from storage import decode_rows
 
 
-def online_info(bb: Backbone, task: dict[str, Any], dtype: str) -> StoreInfo:
-    """The :class:`StoreInfo` a store of every layer and token of this backbone would have."""
+def online_info(bb: Backbone, task: dict[str, Any], dtype: str, pairs: bool = False) -> StoreInfo:
+    """The :class:`StoreInfo` a store of every layer and token of this backbone would have;
+    ``pairs``: the data are sentence pairs (their segments count when the backbone takes
+    ``token_type_ids``, as a store records them then)."""
     pooling = str(bb.identity["pooling"])
     return StoreInfo(
         hidden_size=bb.hidden_size,
@@ -33,6 +35,7 @@ def online_info(bb: Backbone, task: dict[str, Any], dtype: str) -> StoreInfo:
         causal=pooling == "last",
         task=dict(task),
         dtype=dtype,
+        pairs=pairs and bb.takes_token_type_ids,
     )
 
 
@@ -49,4 +52,8 @@ def side_batch(bb: Backbone, batch: TokenBatch, info: StoreInfo) -> SideBatch:
     rows = forward_rows(bb, batch.ids, list(info.layers), "all")  # L x (R, D)
     hidden = torch.stack([rounded(r, info.dtype) for r in rows], dim=1)  # (R, L, D)
     samples = torch.from_numpy(batch.ids.samples).to(hidden.device)
-    return SideBatch(hidden, batch.lengths, batch.labels, samples)
+    segments = None
+    if info.pairs and batch.ids.token_type_ids is not None:  # each row's sentence, as stored
+        flat, real = batch.ids.token_type_ids.reshape(-1), batch.ids.real_slots
+        segments = (flat if real is None else flat.index_select(0, real)).to(torch.int8)
+    return SideBatch(hidden, batch.lengths, batch.labels, samples, segments=segments)

@@ -70,6 +70,7 @@ class OnlineConfig:
 class Split:
     tok: Tokenized
     labels: np.ndarray
+    pairs: bool = False  # sentence pairs
 
     def subset(self, samples: np.ndarray) -> Split:
         """These samples only, in this order."""
@@ -79,7 +80,7 @@ class Split:
         lengths = t.lengths[samples]
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         types = None if t.type_ids is None else t.type_ids[at]
-        return Split(Tokenized(t.ids[at], types, offsets), self.labels[samples])
+        return Split(Tokenized(t.ids[at], types, offsets), self.labels[samples], self.pairs)
 
 
 def load_split(
@@ -88,7 +89,7 @@ def load_split(
     data = head(load_data(cfg.data, split), limit)
     max_length = min(cfg.max_length or bb.max_length, bb.max_length)
     tok = tokenize(bb.tokenizer, data, max_length, bb.takes_token_type_ids)
-    return Split(tok, data.labels), data.task
+    return Split(tok, data.labels, data.pairs is not None), data.task
 
 
 def make_online_member(
@@ -156,7 +157,7 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
     valid = train.subset(held) if len(held) else None
     if valid is not None:
         train = train.subset(np.setdiff1d(np.arange(len(train.labels)), held))
-    info = online_info(bb, task, cfg.dtype)
+    info = online_info(bb, task, cfg.dtype, train.pairs)
     steps = -(-len(train.labels) // cfg.batch_size)
     m, feed = make_online_member(spec, bb, info, cfg.epochs * steps, cfg, device)
     m.valid_fraction = cfg.valid_fraction

@@ -35,6 +35,9 @@ class StoreInfo:
       "label_names"}``; :attr:`num_outputs` is the width ``C`` a network's output must have.
     * ``dtype``: the stored dtype; rows arrive as float32 with its rounding already applied.
     * ``lst_prune``: the ``r`` of the pruned-backbone copy stored (``--lst-prune``), or None.
+    * ``pairs``: the samples are sentence pairs whose rows carry their sentence
+      (``SideBatch.segments``): every token stored, segment ids known. The built-in networks
+      then pool each sentence on its own by default (:attr:`default_pool` is ``pair``).
     """
 
     hidden_size: int
@@ -46,6 +49,14 @@ class StoreInfo:
     task: dict[str, Any]
     dtype: str = "float32"  # stored dtype (rounding applied to the rows)
     lst_prune: int | None = None  # r of the pruned-backbone initialisation stored, if any
+    pairs: bool = False  # sentence pairs with each row's segment known
+
+    @property
+    def default_pool(self) -> str:
+        """A head's ``pool`` when its spec sets none: ``pair`` on sentence pairs (each sentence
+        pooled on its own: on MRPC every kind scored higher so, ``benchmarks.pair_pool``),
+        else the backbone's own pooling."""
+        return "pair" if self.pairs else self.pooling
 
     @property
     def num_outputs(self) -> int:
@@ -64,6 +75,9 @@ class StoreInfo:
             task=dict(meta["task"]),
             dtype=str(meta["layout"]["dtype"]),
             lst_prune=meta["identity"].get("extraction", {}).get("lst_prune"),
+            pairs=bool(meta["identity"].get("dataset", {}).get("pairs", False))
+            and meta["layout"]["positions"] == "all"
+            and bool(meta["layout"].get("has_token_type_ids", False)),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -77,6 +91,7 @@ class StoreInfo:
             "task": self.task,
             "lst_prune": self.lst_prune,
             "dtype": self.dtype,
+            "pairs": self.pairs,
         }
 
 

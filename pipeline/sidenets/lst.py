@@ -35,7 +35,7 @@ class LstConfig:
     ladders: str = "all"  # stored layers feeding side blocks ("all" = every layer after 0)
     heads: int = 0  # 0 = the backbone's head count (reduced until it divides the width)
     ff_mult: int = 4
-    pool: str = ""  # first | last | mean | pair; empty = the backbone's own pooling
+    pool: str = ""  # first | last | mean | pair; empty = info.default_pool
     head_hidden: int = 0
     dropout: float = 0.1
     temperature: float = 0.1
@@ -84,7 +84,7 @@ class Lst(nn.Module):
                 "choose an r that divides it (e.g. lst:r=8 for 384 or 768)"
             )
         self.info, self.cfg = info, cfg
-        self.pool = cfg.pool or info.pooling
+        self.pool = cfg.pool or info.default_pool
         check_pool(self.pool, info)
         d, width = info.hidden_size, info.hidden_size // cfg.r
         heads = cfg.heads or info.num_heads

@@ -27,7 +27,7 @@ class ProbeConfig:
     layer: int = -1  # hidden-state index, negative from the end; ignored when mix is set
     mix: bool = False  # learned softmax mix of every stored layer
     hidden: int = 0  # 0 = linear probe
-    pool: str = ""  # first | last | mean | pair; empty = the backbone's own pooling
+    pool: str = ""  # first | last | mean | pair; empty = info.default_pool
     dropout: float = 0.1
 
 
@@ -35,7 +35,7 @@ class Probe(nn.Module):
     def __init__(self, info: StoreInfo, cfg: ProbeConfig):
         super().__init__()
         self.info, self.cfg = info, cfg
-        self.pool = cfg.pool or info.pooling
+        self.pool = cfg.pool or info.default_pool
         check_pool(self.pool, info)
         self.index = layer_index(info, cfg.layer)
         self.mix_logits = nn.Parameter(torch.zeros(len(info.layers))) if cfg.mix else None

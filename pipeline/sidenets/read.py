@@ -36,7 +36,7 @@ class ReadConfig:
     hidden: int = 128  # RNN width
     rnn: str = "gru"  # gru | lstm | elman
     aggregate: str = "last"  # last | mean over the layer steps
-    pool: str = ""  # first | last | mean | pair; empty = the backbone's own pooling
+    pool: str = ""  # first | last | mean | pair; empty = info.default_pool
     head_hidden: int = 0  # 0 = linear head
     dropout: float = 0.1
     init_scale: float = 1e-3  # std of W_out at start: the correction starts near zero
@@ -50,7 +50,7 @@ class Read(nn.Module):
         if cfg.aggregate not in ("last", "mean"):
             raise ConfigError(f"read: aggregate must be last or mean; found {cfg.aggregate!r}")
         self.info, self.cfg = info, cfg
-        self.pool = cfg.pool or info.pooling
+        self.pool = cfg.pool or info.default_pool
         check_pool(self.pool, info)
         d = info.hidden_size
         self.norm = nn.LayerNorm(d)

@@ -194,3 +194,30 @@ def test_pair_pool_refused_on_a_single_position_store(stores):
     for spec in ("linear:pool=pair", "read:pool=pair"):
         with pytest.raises(StoreMismatchError, match="--positions all"):
             build(parse_spec(spec), info)
+
+
+def test_pair_stores_pool_pairs_by_default(stores):
+    root, _ = stores
+    pair = StoreInfo.from_meta(open_store(root / "train").meta)
+    assert pair.pairs and pair.default_pool == "pair"
+    for name in ("single", "first"):  # single sentences; pairs without every token stored
+        info = StoreInfo.from_meta(open_store(root / name).meta)
+        assert not info.pairs and info.default_pool == info.pooling
+    for spec in ("linear", "mlp:hidden=8", "read:hidden=8", "lst:r=2"):
+        assert build(parse_spec(spec), pair).pool == "pair"
+        assert build(parse_spec(f"{spec.split(':')[0]}:pool=mean"), pair).pool == "mean"
+
+
+def test_a_run_recorded_before_pair_defaults_is_rebuilt_as_it_trained(trained, tmp_path):
+    """A checkpoint whose store info has no ``pairs`` (written when a pair store's default
+    pooling was the backbone's) evaluates with that pooling, not with ``pair``."""
+    root = trained
+    cfg = TrainConfig(train=str(root / "train"), eval=str(root / "dev"),
+                      specs=["linear:pool=first,name=old"], epochs=1, out=str(tmp_path),
+                      batch_size=8, progress=False)  # fmt: skip
+    recorded = run_train(cfg)["old"]["eval"]["best"]
+    state = torch.load(tmp_path / "old" / "best.pt", weights_only=False)
+    state["spec"] = "linear:name=old"  # the default pool of its time: the backbone's (first)
+    del state["store_info"]["pairs"]
+    torch.save(state, tmp_path / "old" / "best.pt")
+    assert evaluate_run(tmp_path / "old", str(root / "dev")) == recorded
