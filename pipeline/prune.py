@@ -7,7 +7,10 @@ two never needs the backbone. Supported: BERT-family blocks (``attention.self.qu
 
 Kept dimensions: the same ``d/r`` residual dimensions everywhere (largest total L1 norm of the
 rows that write into the residual stream), ``d/(r·H)`` dimensions inside each of the H heads
-(largest L1 norm of their query, key and value rows) and ``4·d/r`` feed-forward units.
+(largest L1 norm of their query, key and value rows) and ``4·d/r`` feed-forward units. The two
+LayerNorms of each block are kept at the residual dimensions too: a BERT block is post-LN, and
+the side block that starts from it computes the same way (:class:`pipeline.sidenets.lst.SideBlock`
+with ``post_ln``), so at ``r = 1`` it is the backbone's block (``benchmarks.lst_pruned``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores, k).indices).values
 
 
-def _block_parts(block: Any) -> dict[str, torch.nn.Linear]:
+def _block_parts(block: Any) -> dict[str, Any]:
     try:
         return {
             "q": block.attention.self.query,
@@ -36,6 +39,8 @@ def _block_parts(block: Any) -> dict[str, torch.nn.Linear]:
             "o": block.attention.output.dense,
             "ff1": block.intermediate.dense,
             "ff2": block.output.dense,
+            "ln1": block.attention.output.LayerNorm,  # after attention (post-LN)
+            "ln2": block.output.LayerNorm,  # after the feed-forward
         }
     except AttributeError:
         raise BackboneError(
@@ -46,7 +51,8 @@ def _block_parts(block: Any) -> dict[str, torch.nn.Linear]:
 
 def lst_prune(bb: Backbone, r: int) -> dict[str, np.ndarray]:
     """Arrays to store under ``lst_init/r<r>/``: ``hidden_index`` and, per block (1-based, the
-    block whose output is hidden state ``i``), ``block<i>/{qkv,proj,ff1,ff2}_{weight,bias}``."""
+    block whose output is hidden state ``i``), ``block<i>/{qkv,proj,ff1,ff2,ln1,ln2}_{weight,
+    bias}``."""
     d, heads = bb.hidden_size, int(bb.identity.get("num_attention_heads") or 1)
     if r < 1 or d % r or (d // r) % heads:
         raise ConfigError(
@@ -71,7 +77,7 @@ def lst_prune(bb: Backbone, r: int) -> dict[str, np.ndarray]:
     return {f"lst_init/r{r}/{k}": v for k, v in out.items()}
 
 
-def _prune_block(p: dict[str, torch.nn.Linear], keep: torch.Tensor, heads: int, w: int
+def _prune_block(p: dict[str, Any], keep: torch.Tensor, heads: int, w: int
                  ) -> dict[str, np.ndarray]:  # fmt: skip
     d = p["q"].weight.shape[0]
     hd, side_hd = d // heads, w // heads
@@ -92,5 +98,9 @@ def _prune_block(p: dict[str, torch.nn.Linear], keep: torch.Tensor, heads: int, 
         "ff1_bias": p["ff1"].bias[ff_idx],
         "ff2_weight": rows_cols(p["ff2"], keep, ff_idx),
         "ff2_bias": p["ff2"].bias[keep],
+        "ln1_weight": p["ln1"].weight[keep],
+        "ln1_bias": p["ln1"].bias[keep],
+        "ln2_weight": p["ln2"].weight[keep],
+        "ln2_bias": p["ln2"].bias[keep],
     }
     return {k: v.float().cpu().numpy() for k, v in tensors.items()}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError, StoreMismatchError
+from pipeline.errors import ConfigError, StoreCorruptError, StoreMismatchError
 from pipeline.sidenets import custom
 from pipeline.sidenets.base import SideBatch, StoreInfo, loss_fn
 from pipeline.sidenets.custom import SideNetError
@@ -175,7 +175,17 @@ def init_from_store(net: nn.Module, read: Callable[[str], np.ndarray] | None) ->
             f"{type(inner).__name__} initialises from arrays of its train store "
             f"({names[0]}, ...) and there is no store here; train it from a store"
         )
-    inner.init_from_store({name: read(name) for name in names})
+    arrays = {}
+    for name in names:
+        try:
+            arrays[name] = read(name)
+        except (KeyError, StoreCorruptError) as exc:  # a missing array
+            raise StoreMismatchError(
+                f"{type(inner).__name__} initialises from the train store's {name}, which it "
+                f"lacks ({exc}): the store was cached before that array was stored. Re-run "
+                "stage one with the same flags and --overwrite"
+            ) from exc
+    inner.init_from_store(arrays)
 
 
 def build(spec: SideSpec, info: StoreInfo) -> nn.Module:

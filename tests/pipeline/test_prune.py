@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backbone import load_backbone
+from pipeline.backbone import hidden_states, load_backbone
 from pipeline.sidenets import StoreInfo, build, init_from_store, parse_spec
 from pipeline.sidenets.lst import Lst
 from storage import StoreMismatchError, open_store
@@ -61,3 +61,38 @@ def test_lst_starts_from_the_stored_pruned_blocks(wide_ff_bert, glue_dir, tmp_pa
         init_from_store(build(parse_spec("lst:r=2,init=pruned"), info), None)
     # building alone (evaluate, predict: a checkpoint supplies the weights) needs no store
     build(parse_spec("lst:r=2,init=pruned"), info)
+
+
+def test_at_r1_a_pruned_side_block_is_the_backbones_block(wide_ff_bert, glue_dir, tmp_path):
+    """Nothing pruned: side block i, fed hidden state i - 1, gives hidden state i (post-LN,
+    the backbone's LayerNorms and attention scale), up to float rounding."""
+    out = tmp_path / "r1"
+    small_cache(wide_ff_bert, f"glue:{glue_dir}", out, lst_prune=1, dtype="float32")
+    store = open_store(out)
+    model = build(parse_spec("lst:r=1,init=pruned,dropout=0"), StoreInfo.from_meta(store.meta))
+    init_from_store(model, store.extra)
+    model.eval()
+    bb = load_backbone(wide_ff_bert, "cpu")
+    ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]])
+    mask = ids != 0
+    hs = hidden_states(bb, ids, mask.long(), None, [0, 1, 2])
+    for i, block in enumerate(model.blocks, start=1):
+        with torch.no_grad():
+            got = block(hs[i - 1].clone(), mask, False)
+        assert torch.allclose(got[mask], hs[i][mask], atol=1e-5), i
+
+
+def test_a_store_without_the_layer_norms_is_refused_with_the_fix(wide_ff_bert, glue_dir,
+                                                                  tmp_path):  # fmt: skip
+    out = tmp_path / "s"
+    small_cache(wide_ff_bert, f"glue:{glue_dir}", out, lst_prune=2)
+    store = open_store(out)
+
+    def older(name: str):  # a store cached before the LayerNorms were stored
+        if "/ln" in name:
+            return store.extra(name.replace("ln1", "nope"))
+        return store.extra(name)
+
+    model = build(parse_spec("lst:r=2,init=pruned"), StoreInfo.from_meta(store.meta))
+    with pytest.raises(StoreMismatchError, match="--overwrite"):
+        init_from_store(model, older)
