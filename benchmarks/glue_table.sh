@@ -10,6 +10,7 @@
 #   online-TASK       full fine-tuning, LoRA and MEFT on TASK: one `sidecache bench`
 #   table             benchmarks.glue_table over everything under WORK -> WORK/glue.md
 # TASK is one of MRPC, MRPC-sep (MRPC cached with --pairs separate), CoLA, WNLI, WNLI-sep, SST-2.
+# Environment: SEEDS (default 0,1,2), ONLINE_METHODS (the online part's --methods), PY, GLUE.
 set -euo pipefail
 WORK=${1:?usage: glue_table.sh WORK PART [PART ...]}
 shift
@@ -70,7 +71,7 @@ online() {  # full fine-tuning at two learning rates, LoRA and MEFT at their def
   local task=$1
   sidecache bench --backbone minilm --data "glue:$GLUE/$task" --out "$WORK/online/$task" \
     --epochs 3 --seeds "$SEEDS" --valid-fraction $VALID --max-length 128 \
-    --methods "online:full:lr=2e-5,online:full:lr=5e-5,online:lora,online:meft"
+    --methods "${ONLINE_METHODS:-online:full:lr=2e-5,online:full:lr=5e-5,online:lora,online:meft}"
 }
 
 for part in "$@"; do

@@ -55,7 +55,8 @@ def cache(args: argparse.Namespace, split: str) -> str:
     out = Path(args.work) / "stores" / split
     if not _complete(out):
         argv = ["cache", "--backbone", "minilm", "--data", args.data, "--split", split, "--out",
-                str(out), "--device", args.device, "--no-progress", "--overwrite"]  # fmt: skip
+                str(out), "--device", args.device, "--pairs", "joint", "--no-progress",
+                "--overwrite"]  # fmt: skip
         if sidecache(argv) != 0:
             raise SystemExit(f"caching {split} failed")
     return str(out)

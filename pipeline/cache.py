@@ -31,6 +31,7 @@ from pipeline.extract import (
     make_batch,
 )
 from pipeline.pairs import SEPARATE, check_pair_data, check_pairs, pieces, tokenize_separate
+from pipeline.pairs import resolve as resolve_pairs
 from pipeline.prune import lst_prune
 from pipeline.settings import AUTO_BATCH_COST, CacheConfig
 from pipeline.shards import n_windows, owned_shards, parse_shard, window_shards
@@ -121,9 +122,10 @@ def _run_cache(cfg: CacheConfig, shard: tuple[int, int] | None) -> dict[str, Any
     cfg.dtype, cfg.positions = parse_dtype(cfg.dtype), parse_positions(cfg.positions)
     validate(cfg)
     data = head(load_data(cfg.data, cfg.split, cfg.columns), cfg.limit)
+    bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
+    cfg.pairs = resolve_pairs(cfg.pairs, data, str(bb.identity["pooling"]), cfg.positions)
     if cfg.pairs == SEPARATE:
         check_pair_data(data)
-    bb = load_backbone(cfg.backbone, cfg.device, cfg.revision)
     layers = parse_layers(cfg.layers, bb.n_layers)
     if bb.device.type == "cpu" and not thread_invariant(numerics := cpu_numerics()):
         log.warning(

@@ -74,11 +74,12 @@ class CacheConfig:
     positions: str = setting("all", "all | first | last | mean")
     # pipeline.pairs
     pairs: str = setting(
-        "joint",
+        "auto",
         "sentence pairs: joint runs each pair as one sequence ([CLS] A [SEP] B [SEP]); "
         "separate runs each sentence alone, as a bi-encoder such as MiniLM is used, and stores "
-        "A's rows then B's (needs --positions all)",
-        choices=("joint", "separate"),
+        "A's rows then B's (needs --positions all); auto (default): separate for a backbone "
+        "that mean-pools (sentence-transformers models) with --positions all, else joint",
+        choices=("auto", "joint", "separate"),
     )
     dtype: str = setting("bfloat16", "bfloat16 | float16 | float32 | int8")
     codec: str = setting("blosc-lz4:5", "blosc-lz4 | blosc-zstd | zstd | none [:LEVEL]")

@@ -282,3 +282,18 @@ def test_the_cli_exits_2_on_refused_pairs(model_dir, glue_dir, stores, tmp_path)
     assert cli_main(first) == 2
     with pytest.raises(SystemExit):
         cli_main([*base[:-1], "sideways", "--data", "bbc", "--out", str(tmp_path / "c")])
+
+
+def test_auto_separates_pairs_for_a_sentence_encoder_only():
+    from pipeline.data import TextData
+    from pipeline.pairs import resolve
+
+    task = {"name": "t", "type": "classification", "num_labels": 2}
+    pairs = TextData("x", "train", ["a b"], ["c d"], np.zeros(1, np.int64), task)
+    single = TextData("x", "train", ["a b"], None, np.zeros(1, np.int64), task)
+    assert resolve("auto", pairs, "mean", "all") == "separate"  # MiniLM-like
+    assert resolve("auto", pairs, "first", "all") == "joint"  # a cross-encoder (BERT)
+    assert resolve("auto", pairs, "mean", "first") == "joint"  # one position stored
+    assert resolve("auto", single, "mean", "all") == "joint"
+    for given in ("joint", "separate"):
+        assert resolve(given, pairs, "first", "all") == given

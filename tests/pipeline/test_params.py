@@ -127,6 +127,7 @@ WRONG_TYPES = {
     "cache.device": (0, "must be str (like 'auto'), found int 0"),
     "cache.token_budget": (4096.0, "must be int (like 0), found float 4096.0"),
     "cache.lst_prune": ("8", "must be int or null, found str '8'"),
+    "cache.pairs": (2, "must be str (like 'auto'), found int 2"),
     "train.epochs": ("3", "must be int (like 3), found str '3'"),
     "train.batch_size": (True, "must be int (like 32), found bool True"),
     "train.seed": (None, "must be int (like 0), found NoneType None"),
