@@ -79,7 +79,10 @@ class SideBlock(nn.Module):
         if causal:
             allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=s.device).tril()
         out = F.scaled_dot_product_attention(  # (B, H, T, W/H)
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=allowed,
             scale=self.scale,
         )
         out = out.transpose(1, 2).reshape(b, t, w)
