@@ -33,7 +33,7 @@ stores() {
     for s in train dev; do
       [ -f "$WORK/stores/$t/$s/zarr.json" ] || sidecache cache --backbone minilm \
         --data "glue:$GLUE/$t" --split "$s" --out "$WORK/stores/$t/$s" --max-length 128 \
-        --lst-prune 8 --no-progress --overwrite
+        --lst-prune 8 --pairs joint --no-progress --overwrite
       if pair_task "$t"; then
         [ -f "$WORK/stores/$t-sep/$s/zarr.json" ] || sidecache cache --backbone minilm \
           --data "glue:$GLUE/$t" --split "$s" --out "$WORK/stores/$t-sep/$s" --max-length 128 \
