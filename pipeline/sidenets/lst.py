@@ -10,7 +10,7 @@ Side blocks are pre-LN when initialised at random. With ``init=pruned`` side blo
 the backbone's block i pruned to width d/r (:mod:`pipeline.prune`) and computes as that block
 does: post-LN (BERT's arrangement), its LayerNorms at the kept dimensions, attention scaled by
 the backbone's head width. Copied into a pre-LN block the same weights computed another function
-(at r = 1, 1.8-5.2x the norm of the block's output off, against 0 this way:
+(at r = 1, 1.9-5.2x the norm of the block's output off, against 0 this way:
 ``benchmarks.lst_pruned``).
 """
 
