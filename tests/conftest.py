@@ -257,3 +257,35 @@ def cache_splits(model: str, data: str, root: Path, **overrides: Any) -> Path:
     for split in ("train", "dev"):
         small_cache(model, data, root / split, split=split, **overrides)
     return root
+
+
+def best_outputs(run: Path, store: Path | str) -> Any:
+    """What evaluation computes from the stored rows of ``store`` with ``run``'s best weights
+    (a numpy array, one row per sample in store order)."""
+    from pipeline.evaluate import store_outputs
+    from pipeline.loader import StoreLoader
+    from pipeline.sidenets import StoreInfo, build, parse_spec
+    from storage import open_store
+
+    state = torch.load(Path(run) / "best.pt", map_location="cpu", weights_only=False)
+    reader = open_store(store)
+    model = build(parse_spec(state["spec"]), StoreInfo.from_meta(reader.meta))
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+    loader = StoreLoader(reader, state["eval_batch_size"], shuffle=False)
+    return store_outputs(model, loader, torch.device("cpu"))[0]
+
+
+def assert_evaluate_reproduces_training(run: Path, store: Path | str) -> None:
+    """``evaluate_run`` of ``run``'s best checkpoint on ``store`` gives the recorded metrics."""
+    import json
+
+    import numpy as np
+
+    from pipeline.evaluate import check_recorded, evaluate_run
+
+    recorded = json.loads((Path(run) / "metrics.json").read_text())
+    assert recorded["finished"] and np.isfinite(recorded["train_loss"])
+    scores = evaluate_run(run, str(store))
+    check_recorded(run, recorded, scores)
+    assert scores == recorded["eval"]["best"]

@@ -7,18 +7,14 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline import metrics
 from pipeline.data import load_data
-from pipeline.evaluate import check_recorded, evaluate_run, store_outputs
-from pipeline.loader import StoreLoader
+from pipeline.evaluate import check_recorded, evaluate_run
 from pipeline.predict import load_predictor, predict
-from pipeline.sidenets import StoreInfo, build, parse_spec
 from pipeline.train import TrainConfig, run_train
 from stages.cli import main
-from storage import open_store
-from tests.conftest import cache_splits
+from tests.conftest import best_outputs, cache_splits
 from tests.pipeline.test_prune import wide_ff_bert  # noqa: F401 (a fixture)
 
 SPECS = {
@@ -42,16 +38,6 @@ def trained(wide_ff_bert, glue_dir, tmp_path_factory):  # noqa: F811
     return root
 
 
-def _outputs_of(root, name: str) -> np.ndarray:
-    state = torch.load(root / "out" / name / "best.pt", map_location="cpu", weights_only=False)
-    reader = open_store(root / "dev")
-    model = build(parse_spec(state["spec"]), StoreInfo.from_meta(reader.meta))
-    model.load_state_dict(state["state_dict"])
-    model.eval()
-    loader = StoreLoader(reader, state["eval_batch_size"], shuffle=False)
-    return store_outputs(model, loader, torch.device("cpu"))[0]
-
-
 @pytest.mark.parametrize("name", list(SPECS))
 def test_evaluate_reproduces_training(trained, name):
     run = trained / "out" / name
@@ -67,7 +53,7 @@ def test_predict_reproduces_training(trained, glue_dir, name):
     loaded = load_predictor(run, "cpu")
     data = load_data(f"glue:{glue_dir}", "dev")
     outputs = predict(loaded, data)
-    assert np.array_equal(outputs, _outputs_of(trained, name))
+    assert np.array_equal(outputs, best_outputs(trained / "out" / name, trained / "dev"))
     recorded = json.loads((run / "metrics.json").read_text())["eval"]["best"]
     assert metrics.compute(loaded.predictor.info.task, outputs, data.labels) == recorded
 

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import metrics
 from pipeline.data import load_data
-from pipeline.evaluate import check_recorded, evaluate_run, store_outputs
+from pipeline.evaluate import evaluate_run, store_outputs
 from pipeline.loader import StoreLoader
 from pipeline.predict import load_predictor, predict
 from pipeline.resident import ResidentLoader
@@ -21,7 +21,7 @@ from pipeline.sidenets.base import pair_pool
 from pipeline.sidenets.precision import padded
 from pipeline.train import TrainConfig, run_train
 from storage import StoreMismatchError, open_store
-from tests.conftest import sentences, small_cache
+from tests.conftest import assert_evaluate_reproduces_training, sentences, small_cache
 
 SPECS = {
     "linear": "linear:pool=pair",
@@ -153,12 +153,7 @@ def trained(stores):
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_pair_networks_train_and_evaluate_reproduces_training(trained, name):
-    run = trained / "out" / name
-    recorded = json.loads((run / "metrics.json").read_text())
-    assert recorded["finished"] and np.isfinite(recorded["train_loss"])
-    scores = evaluate_run(run, str(trained / "dev"))
-    check_recorded(run, recorded, scores)
-    assert scores == recorded["eval"]["best"]
+    assert_evaluate_reproduces_training(trained / "out" / name, trained / "dev")
 
 
 @pytest.mark.parametrize("name", list(SPECS))

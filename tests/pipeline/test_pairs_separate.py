@@ -4,7 +4,6 @@ and predicted exactly as the joint path is."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,15 @@ from pipeline.cache import CacheConfig, run_cache
 from pipeline.cluster_cache import ClusterOptions, run_cache_on_cluster
 from pipeline.data import TextData, load_data
 from pipeline.errors import ConfigError, StoreCorruptError, VerifyError
-from pipeline.evaluate import check_recorded, evaluate_run, store_outputs
 from pipeline.extract import encode
 from pipeline.loader import StoreLoader, row_segments
 from pipeline.pairs import PairsError, join_rows, piece_offsets
 from pipeline.predict import load_predictor, predict
-from pipeline.sidenets import StoreInfo, build, parse_spec
 from pipeline.train import TrainConfig, run_train
 from pipeline.verify import run_verify, stored_tokens
 from stages.cli import main as cli_main
 from storage import StoreSchemaError, open_store
-from tests.conftest import small_cache
+from tests.conftest import assert_evaluate_reproduces_training, best_outputs, small_cache
 from tests.pipeline.test_cache import assert_same_store, fail_at_batch
 from tests.pipeline.test_pair_pool import write_glue_mrpc
 
@@ -158,23 +155,7 @@ def trained(stores) -> Path:
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_pool_pair_trains_and_evaluate_reproduces_training(trained, name):
-    run = trained / "out" / name
-    recorded = json.loads((run / "metrics.json").read_text())
-    assert recorded["finished"] and np.isfinite(recorded["train_loss"])
-    scores = evaluate_run(run, str(trained / "dev"))
-    check_recorded(run, recorded, scores)
-    assert scores == recorded["eval"]["best"]
-
-
-def evaluated(run: Path, store: Path) -> np.ndarray:
-    """What evaluation computes from the stored rows of ``store`` with ``run``'s best weights."""
-    state = torch.load(run / "best.pt", map_location="cpu", weights_only=False)
-    reader = open_store(store)
-    model = build(parse_spec(state["spec"]), StoreInfo.from_meta(reader.meta))
-    model.load_state_dict(state["state_dict"])
-    model.eval()
-    loader = StoreLoader(reader, state["eval_batch_size"], shuffle=False)
-    return store_outputs(model, loader, torch.device("cpu"))[0]
+    assert_evaluate_reproduces_training(trained / "out" / name, trained / "dev")
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -184,7 +165,7 @@ def test_predict_encodes_new_pairs_as_the_store_did(trained, stores, name):
     loaded = load_predictor(run, "cpu")
     assert loaded.pairs == "separate"
     outputs = predict(loaded, load_data(f"glue:{mrpc}", "dev"))
-    assert np.array_equal(outputs, evaluated(run, trained / "dev"))
+    assert np.array_equal(outputs, best_outputs(run, trained / "dev"))
 
 
 def test_the_predictor_module_takes_the_sentences_as_rows(trained, stores):
