@@ -15,10 +15,14 @@ listed, for a sweep the first in ``sweep.csv``, else in name order). A cell is d
 choice, ×100, mean ± sample std over seeds, in the task's GLUE metrics (MRPC, QQP: accuracy /
 F1; CoLA: MCC; STS-B: Pearson / Spearman; the others: accuracy), with the chosen lr; a second
 table gives dev at the epoch dev itself picks (same lr), for comparison with papers that report
-that. A family whose runs held nothing out is chosen on dev and marked †. ``OUT.json`` holds the
-numbers.
+that. A family whose runs held nothing out is chosen on dev and marked †. Last, an oracle per
+task (:func:`oracle`): the best any configuration reaches when dev chooses, to show whether a
+target is out of reach of everything tried. ``OUT.json`` holds the numbers.
 
-    .venv/bin/python -m benchmarks.glue_table OUT.md DIR [DIR ...]
+An earlier table's ``OUT.json`` may stand among the folders: its rows fill the cells no folder
+gives (a task or method not re-run), its settings checked against theirs.
+
+    .venv/bin/python -m benchmarks.glue_table OUT.md DIR|EARLIER.json [...]
 """
 
 from __future__ import annotations
@@ -180,12 +184,45 @@ def join_task(task: str, parts: list[Part]) -> dict[str, Any]:
 
 
 def load_tasks(folders: list[Path]) -> dict[str, dict[str, Any]]:
-    """Task name -> its joined folders, tasks in the order first given."""
+    """Task name -> its joined folders, tasks in the order first given. A ``.json`` (an earlier
+    table's ``OUT.json``) adds its rows where no folder gives the same row of the same task."""
     grouped: dict[str, list[Part]] = {}
+    earlier: list[tuple[Path, dict[str, Any]]] = []
     for folder in folders:
+        if folder.suffix == ".json" and folder.is_file():
+            earlier.append((folder, json.loads(folder.read_text())["tasks"]))
+            continue
         for part in load_parts(folder):
             grouped.setdefault(part.task, []).append(part)
-    return {task: join_task(task, parts) for task, parts in grouped.items()}
+    tasks = {task: join_task(task, parts) for task, parts in grouped.items()}
+    for path, old in earlier:
+        for task, joined in old.items():
+            merge_earlier(tasks, task, joined, path)
+    return tasks
+
+
+def merge_earlier(
+    tasks: dict[str, dict[str, Any]], task: str, joined: dict[str, Any], path: Path
+) -> None:
+    """Add an earlier table's rows of ``task`` (from ``path``) that ``tasks`` lacks; its
+    settings must agree with the folders' (the SHARED keys both record)."""
+    if task not in tasks:
+        tasks[task] = joined
+        return
+    mine = tasks[task]
+    for key in (k for k in SHARED if k in mine["settings"] and k in joined["settings"]):
+        if mine["settings"][key] != joined["settings"][key]:
+            raise ConfigError(
+                f"{task}: {path} records --{key.replace('_', '-')} "
+                f"{joined['settings'][key]!r}, the folders {mine['settings'][key]!r}: their "
+                "scores do not compare; leave that table out, or re-run its runs"
+            )
+    rows = {c["row"] for c in mine["chosen"]}
+    mine["chosen"] += [c for c in joined["chosen"] if c["row"] not in rows]
+    settings = mine["settings"]
+    settings["folders"] = [*settings["folders"], *joined["settings"]["folders"]]
+    for key in ("epochs", "seeds"):
+        settings[key] = sorted({*settings[key], *joined["settings"][key]})
 
 
 def pick(task: str, scores: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -268,6 +305,57 @@ def settings_lines(tasks: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
+def oracle(tasks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task and mode (cached, online): the configuration (family, variant, lr) with the best
+    mean dev at dev's own epoch, on the task's first metric, and the best single run of any
+    configuration. Both choose on dev: a ceiling of what was tried, to tell a target out of
+    reach from a choice that missed it, never a result."""
+    out = []
+    for task, joined in tasks.items():
+        metric = metrics_of(task)[0]
+        for mode in ("cached", "online"):
+            best: tuple[float, str, str] | None = None
+            top: tuple[float, str, str] | None = None
+            for entry in joined["chosen"]:
+                if not entry["family"].startswith(mode + ":"):
+                    continue
+                for cand in entry["candidates"]:
+                    mean, peak = cand.get("dev_best_on_eval"), cand.get("dev_best_on_eval_max")
+                    if not mean or metric not in mean or not peak:
+                        continue
+                    here = (mean[metric]["mean"], entry["row"], cand["lr"])
+                    best = here if best is None or here[0] > best[0] else best
+                    one = (peak[metric], entry["row"], cand["lr"])
+                    top = one if top is None or one[0] > top[0] else top
+            if best is not None and top is not None:
+                out.append({"task": task, "mode": mode, "metric": metric,
+                            "best_mean": best[0], "best_mean_row": best[1], "best_mean_lr": best[2],
+                            "best_run": top[0], "best_run_row": top[1],
+                            "best_run_lr": top[2]})  # fmt: skip
+    return out
+
+
+def oracle_lines(found: list[dict[str, Any]]) -> list[str]:
+    if not found:
+        return []
+    lines = [
+        "Oracle, chosen on dev (a ceiling of what was tried, not a result): per task, the "
+        "configuration (every family and learning rate) with the best mean dev at dev's own "
+        "epoch, and the best single run of any configuration.",
+        "",
+        "| task | mode | best configuration, mean over seeds | best single run |",
+        "|---|---|---|---|",
+    ]
+    for o in found:
+        metric = SHORT.get(o["metric"], o["metric"])
+        lines.append(
+            f"| {o['task']} {metric} | {o['mode']} | {100 * o['best_mean']:.2f} "
+            f"({o['best_mean_row']}, lr {o['best_mean_lr']}) | {100 * o['best_run']:.2f} "
+            f"({o['best_run_row']}, lr {o['best_run_lr']}) |"
+        )
+    return ["", *lines]
+
+
 def to_markdown(tasks: dict[str, dict[str, Any]], found: list[dict[str, Any]]) -> str:
     lines = [
         "Dev (×100, mean ± sample std over seeds) of each method family at its learning rate and "
@@ -282,6 +370,7 @@ def to_markdown(tasks: dict[str, dict[str, Any]], found: list[dict[str, Any]]) -
         "learning rate.",
         "",
         *table(tasks, found, "dev_best_on_eval"),
+        *oracle_lines(oracle(tasks)),
         "",
         *settings_lines(tasks),
     ]
@@ -296,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     out, folders = Path(args[0]), [Path(a) for a in args[1:]]
     tasks = load_tasks(folders)
     found = cells(tasks)
-    report = {"tasks": tasks, "cells": found}
+    report = {"tasks": tasks, "cells": found, "oracle": oracle(tasks)}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     text = to_markdown(tasks, found)
     out.write_text(text)

@@ -6,11 +6,13 @@
 #
 # PARTs, each resumable on its own (a finished store or run is kept):
 #   stores            every task's train and dev stores (MRPC and WNLI also with --pairs separate)
+#   stores-TASK       TASK's stores only (TASK without -sep: a pair task gets both)
 #   side-TASK         side networks on TASK's stores: one `sidecache sweep` (3 seeds, every spec)
 #   online-TASK       full fine-tuning, LoRA and MEFT on TASK: one `sidecache bench`
 #   table             benchmarks.glue_table over everything under WORK -> WORK/glue.md
 # TASK is one of MRPC, MRPC-sep (MRPC cached with --pairs separate), CoLA, WNLI, WNLI-sep, SST-2.
-# Environment: SEEDS (default 0,1,2), ONLINE_METHODS (the online part's --methods), PY, GLUE.
+# Environment: SEEDS (default 0,1,2), ONLINE_METHODS (the online part's --methods), WORKERS (the
+# sweep's worker processes, default 3), PY, GLUE.
 set -euo pipefail
 WORK=${1:?usage: glue_table.sh WORK PART [PART ...]}
 shift
@@ -29,7 +31,7 @@ pair_task() { case $1 in MRPC* | WNLI*) return 0 ;; *) return 1 ;; esac; }
 
 stores() {
   local t s
-  for t in MRPC WNLI CoLA SST-2; do
+  for t in "$@"; do
     for s in train dev; do
       [ -f "$WORK/stores/$t/$s/zarr.json" ] || sidecache cache --backbone minilm \
         --data "glue:$GLUE/$t" --split "$s" --out "$WORK/stores/$t/$s" --max-length 128 \
@@ -44,8 +46,8 @@ stores() {
 }
 
 side_specs() {
-  # the probes at learning rates 1e-3 and 3e-3, LST (random init) at both, READ and LST from the
-  # pruned backbone (init=pruned) at 3e-3; pair tasks pool each sentence on its own (pool=pair)
+  # the probes, READ and LST (random init) at learning rates 1e-3 and 3e-3, LST from the pruned
+  # backbone (init=pruned) at 3e-3; pair tasks pool each sentence on its own (pool=pair)
   # and keep the probes' joint pooling as a reference
   local lr p=""
   pair_task "$1" && p="pool=pair,"
@@ -53,9 +55,9 @@ side_specs() {
     echo "linear:${p}lr=$lr,name=linear-$lr"
     echo "mlp:${p}lr=$lr,name=mlp-$lr"
     echo "lst:${p}lr=$lr,name=lst-$lr"
+    echo "read:${p}lr=$lr,name=read-$lr"
   done
   [ -n "$p" ] && echo "linear:lr=3e-3,name=linear-joint-3e-3" && echo "mlp:lr=3e-3,name=mlp-joint-3e-3"
-  echo "read:${p}lr=3e-3,name=read-3e-3"
   echo "lst:${p}init=pruned,lr=3e-3,name=lst-pruned-3e-3"
 }
 
@@ -64,7 +66,7 @@ side() {
   while read -r spec; do args+=(--sidenet "$spec"); done < <(side_specs "$task")
   sidecache sweep --task "$task=$WORK/stores/$task/train,$WORK/stores/$task/dev" "${args[@]}" \
     --seeds "$SEEDS" --epochs "$(epochs_of "$task")" --valid-fraction $VALID \
-    --out "$WORK/side/$task" --workers 3 --threads 1
+    --out "$WORK/side/$task" --workers "${WORKERS:-3}" --threads 1
 }
 
 online() {  # full fine-tuning at two learning rates, LoRA and MEFT at their defaults
@@ -76,7 +78,8 @@ online() {  # full fine-tuning at two learning rates, LoRA and MEFT at their def
 
 for part in "$@"; do
   case $part in
-    stores) stores ;;
+    stores) stores MRPC WNLI CoLA SST-2 ;;
+    stores-*) stores "${part#stores-}" ;;
     side-*) side "${part#side-}" ;;
     online-*) online "${part#online-}" ;;
     table) "$PY" -m benchmarks.glue_table "$WORK/glue.md" "$WORK"/side/* "$WORK"/online/* ;;

@@ -143,3 +143,40 @@ def test_folders_of_one_task_must_hold_out_the_same_share(folders, tmp_path):
     )
     with pytest.raises(ConfigError, match="valid-fraction"):
         main([str(tmp_path / "t.md"), str(folders[0]), str(other)])
+
+
+def test_the_oracle_is_the_best_any_configuration_reaches_on_dev(folders, tmp_path):
+    out = tmp_path / "glue.md"
+    assert main([str(out), *map(str, folders)]) == 0
+    lines = out.read_text().splitlines()
+    at = lines.index("| task | mode | best configuration, mean over seeds | best single run |")
+    assert lines[at + 2 : at + 5] == [
+        # lr 1e-3 and 3e-3 tie at 87.5 on dev's own epoch: the first listed; never the chosen lr
+        "| MRPC acc | cached | 87.50 (cached:read, lr 1e-3) | 100.00 (cached:read, lr 1e-3) |",
+        "| MRPC acc | online | 100.00 (online:full, lr 5e-5) | 100.00 (online:full, lr 5e-5) |",
+        "| CoLA MCC | cached | 50.00 (cached:read, lr 3e-3) | 50.00 (cached:read, lr 3e-3) |",
+    ]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [(o["task"], o["mode"]) for o in report["oracle"]] == [
+        ("MRPC", "cached"), ("MRPC", "online"), ("CoLA", "cached")]  # fmt: skip
+
+
+def test_an_earlier_table_fills_the_cells_no_folder_gives(folders, tmp_path):
+    first = tmp_path / "first.md"
+    assert main([str(first), *map(str, folders)]) == 0
+    # re-run MRPC's cached READ only (better now); the rest comes from the first table
+    lo = "cached:read:lr=1e-3"
+    rerun = [run(lo, s, mrpc(0.9, 0.9), valid=0.9, dev_best=mrpc(0.9, 0.9)) for s in (0, 1, 2)]
+    write_report(tmp_path / "mrpc-rerun", config("MRPC", [lo], [0, 1, 2], 0.25), rerun)
+    out = tmp_path / "second.md"
+    assert main([str(out), str(tmp_path / "mrpc-rerun"), str(first.with_suffix(".json"))]) == 0
+    lines = out.read_text().splitlines()
+    dev_at = lines.index("| method | MRPC acc / F1 | CoLA MCC |")
+    assert lines[dev_at + 2 : dev_at + 4] == [
+        "| cached:read | 90.00 ± 0.00 / 90.00 ± 0.00 (lr 0.001) | 50.00 ± 0.00 (lr 0.003) † |",
+        "| online:full | 50.00 ± – / 25.00 ± – (lr 2e-05, 1 of 3 seeds) | – |",
+    ]
+    other = tmp_path / "mrpc-other"
+    write_report(other, config("MRPC", [lo], [0], 0.1), rerun[:1])
+    with pytest.raises(ConfigError, match="valid-fraction"):
+        main([str(tmp_path / "t.md"), str(other), str(first.with_suffix(".json"))])

@@ -109,8 +109,13 @@ def families(methods: list[str]) -> dict[str, list[str]]:
 
 
 def candidate(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One member's figures. ``dev_best_on_eval`` (dev at dev's own epoch, mean ± std) and
+    ``dev_best_on_eval_max`` (its best single run) are what an oracle, choosing on dev, would
+    get: the ceiling of a configuration, not a result."""
     held = [valid_scores(r) for r in runs]
     valid = [float(v["score"]) for v in held if v is not None]
+    papers = [s for s in (dev_best_on_eval(r) for r in runs) if s is not None]
+    whole = len(papers) == len(runs)
     return {
         "method": method,
         "lr": lr_family(method)[1] or "default",
@@ -118,6 +123,10 @@ def candidate(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(runs),
         "valid_score_mean": mean_std(valid)[0] if len(valid) == len(runs) else None,
         "dev_score_mean": mean_std([float(dev_scores(r)["score"]) for r in runs])[0],
+        "dev_best_on_eval": stats(papers) if whole else None,
+        "dev_best_on_eval_max": (
+            {k: max(float(s[k]) for s in papers) for k in stats(papers)} if whole else None
+        ),
     }
 
 
