@@ -47,8 +47,8 @@ stores() {
 
 side_specs() {
   # the probes, READ and LST (random init) at learning rates 1e-3 and 3e-3, LST from the pruned
-  # backbone (init=pruned) at 3e-3; pair tasks pool each sentence on its own (pool=pair)
-  # and keep the probes' joint pooling as a reference
+  # backbone (init=pruned) at 3e-3; on pair tasks every network pools each sentence on its own
+  # (pool=pair, their default there) and the probes also pool the pair as one (pool=mean)
   local lr p=""
   pair_task "$1" && p="pool=pair,"
   for lr in 1e-3 3e-3; do
@@ -57,7 +57,8 @@ side_specs() {
     echo "lst:${p}lr=$lr,name=lst-$lr"
     echo "read:${p}lr=$lr,name=read-$lr"
   done
-  [ -n "$p" ] && echo "linear:lr=3e-3,name=linear-joint-3e-3" && echo "mlp:lr=3e-3,name=mlp-joint-3e-3"
+  [ -n "$p" ] && echo "linear:pool=mean,lr=3e-3,name=linear-mean-3e-3" &&
+    echo "mlp:pool=mean,lr=3e-3,name=mlp-mean-3e-3"
   echo "lst:${p}init=pruned,lr=3e-3,name=lst-pruned-3e-3"
 }
 

@@ -77,10 +77,24 @@ def resume(m: Member, identity: dict[str, Any]) -> None:
     if not path.is_file():
         return
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["spec"] != m.spec.text or state["store_identity"] != identity:
+    now = dataclasses.asdict(m.spec.train)
+    saved = state.get("train_settings") or now
+    now, saved = ({k: v for k, v in d.items() if k != "name"} for d in (now, saved))  # a label
+    same_net = (state["kind"], state.get("model_config")) == (m.spec.kind, m.spec.model_config())
+    if state["store_identity"] != identity or not (state["spec"] == m.spec.text or (
+            same_net and saved == now)):  # fmt: skip
         raise ConfigError(
             f"{m.folder} holds a run of {state['spec']!r} on another store; choose another --out "
             "or delete that folder"
+        )
+    changed = {k: saved[k] for k in now if k in saved and saved[k] != now[k]}
+    if changed:  # the same spec, under another default (lr was 1e-3 before it became 3e-3)
+        was = ",".join(f"{k}={v}" for k, v in changed.items())
+        asks = ", ".join(f"{k}={now[k]}" for k in changed)
+        raise ConfigError(
+            f"{path} was trained with {was} and {m.spec.text!r} now means {asks} (a default "
+            f"changed): resume with {was} added to the spec, or delete that folder to train "
+            "from the start"
         )
     held = state.get("valid_fraction", 0.0)
     if held != m.valid_fraction:

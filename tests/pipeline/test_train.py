@@ -14,6 +14,7 @@ import torch
 
 from pipeline.backbone import load_backbone
 from pipeline.data import load_data
+from pipeline.errors import ConfigError
 from pipeline.extract import forward_rows, make_batch
 from pipeline.loader import StoreLoader
 from pipeline.optim import AdamW, WarmupDecay, schedule
@@ -319,3 +320,22 @@ def test_adamw_foreach_path_equals_the_tensor_by_tensor_path():
         with torch.no_grad():
             b._step_foreach([0, 1])
     assert all(torch.equal(p, q) for p, q in zip(ones, fused, strict=True))
+
+
+def test_a_run_trained_under_another_default_resumes_only_when_the_spec_says_it(stores, tmp_path):
+    """A run folder whose spec ("linear") trained at an older default learning rate is refused
+    on resume, naming the key; the spec spelling that default out resumes it."""
+    base = dict(train=stores["train-all"], eval=stores["dev-all"], batch_size=16, progress=False,
+                out=str(tmp_path))  # fmt: skip
+    run_train(TrainConfig(specs=["linear"], epochs=1, **base))
+    last = tmp_path / "linear" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    state["train_settings"]["lr"] = 1e-3  # as the release before lr=3e-3 recorded it
+    state["optim"]["lr"] /= 3  # the scheduled lr at the end of epoch 1
+    torch.save(state, last)
+    with pytest.raises(ConfigError, match=r"trained with lr=0\.001 .* now means lr=0\.003"):
+        run_train(TrainConfig(specs=["linear"], epochs=2, **base))
+    resumed = run_train(TrainConfig(specs=["linear:lr=0.001,name=linear"], epochs=2, **base))
+    assert resumed["linear"]["epochs"] == 2 and resumed["linear"]["finished"]
+    with pytest.raises(ConfigError, match="holds a run of 'linear:lr=0.001,name=linear'"):
+        run_train(TrainConfig(specs=["linear:lr=0.01,name=linear"], epochs=3, **base))
