@@ -15,7 +15,8 @@ listed, for a sweep the first in ``sweep.csv``, else in name order). A cell is d
 choice, ×100, mean ± sample std over seeds, in the task's GLUE metrics (MRPC, QQP: accuracy /
 F1; CoLA: MCC; STS-B: Pearson / Spearman; the others: accuracy), with the chosen lr; a second
 table gives dev at the epoch dev itself picks (same lr), for comparison with papers that report
-that. A family whose runs held nothing out is chosen on dev and marked †. Last, an oracle per
+that. A family whose runs held nothing out is chosen on dev and marked †. A third table gives each
+family at its kind's default learning rate (:func:`at_defaults`). Last, an oracle per
 task (:func:`oracle`): the best any configuration reaches when dev chooses, to show whether a
 target is out of reach of everything tried. ``OUT.json`` holds the numbers.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.methods import load_runs
-from pipeline.bench.select import choose
+from pipeline.bench.select import choose, effective_lr
 from pipeline.data import GLUE_TASKS, glue_task
 from pipeline.errors import ConfigError, DataSpecError
 
@@ -256,6 +257,30 @@ def cells(tasks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def at_defaults(tasks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per family and task, the member that trains at the kind's default learning rate (what
+    ``--sidenet KIND`` or ``--methods online:KIND`` gives with no ``lr=``), if one ran: dev at
+    its validation-chosen epoch, as cells of the main table."""
+    out = []
+    for task, joined in tasks.items():
+        for entry in joined["chosen"]:
+            default = effective_lr(entry["family"])
+            for cand in entry["candidates"]:
+                # an earlier table's candidates carry no dev figures: its chosen member's do
+                dev = cand.get("dev") or (
+                    entry["dev"] if cand["method"] == entry["method"] else None
+                )
+                if default is None or cand["lr_value"] != default or not dev:
+                    continue
+                out.append({"row": entry["row"], "family": entry["family"], "task": task,
+                            "method": cand["method"], "lr": cand["lr"],
+                            "lr_value": cand["lr_value"], "chosen_on": entry["chosen_on"],
+                            "runs": cand["runs"], "dev": pick(task, dev),
+                            "dev_best_on_eval": None})  # fmt: skip
+                break  # the first listed, as choose() breaks ties
+    return out
+
+
 def _pm(stat: dict[str, Any] | None) -> str:
     if not stat or stat.get("mean") is None:
         return "–"
@@ -370,6 +395,11 @@ def to_markdown(tasks: dict[str, dict[str, Any]], found: list[dict[str, Any]]) -
         "learning rate.",
         "",
         *table(tasks, found, "dev_best_on_eval"),
+        "",
+        "At each kind's default learning rate (what `--sidenet KIND` trains with no `lr=`), the "
+        "epoch chosen on validation as above.",
+        "",
+        *table(tasks, at_defaults(tasks), "dev"),
         *oracle_lines(oracle(tasks)),
         "",
         *settings_lines(tasks),
@@ -385,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     out, folders = Path(args[0]), [Path(a) for a in args[1:]]
     tasks = load_tasks(folders)
     found = cells(tasks)
-    report = {"tasks": tasks, "cells": found, "oracle": oracle(tasks)}
+    report = {"tasks": tasks, "cells": found, "at_defaults": at_defaults(tasks),
+              "oracle": oracle(tasks)}  # fmt: skip
     out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     text = to_markdown(tasks, found)
     out.write_text(text)

@@ -180,3 +180,19 @@ def test_an_earlier_table_fills_the_cells_no_folder_gives(folders, tmp_path):
     write_report(other, config("MRPC", [lo], [0], 0.1), rerun[:1])
     with pytest.raises(ConfigError, match="valid-fraction"):
         main([str(tmp_path / "t.md"), str(other), str(first.with_suffix(".json"))])
+
+
+def test_a_table_at_each_kinds_default_learning_rate(folders, tmp_path):
+    out = tmp_path / "glue.md"
+    assert main([str(out), *map(str, folders)]) == 0
+    lines = out.read_text().splitlines()
+    at = lines.index("At each kind's default learning rate (what `--sidenet KIND` trains with no "
+                     "`lr=`), the epoch chosen on validation as above.")  # fmt: skip
+    assert lines[at + 4 : at + 8] == [
+        # read and linear default to 3e-3, full fine-tuning to 2e-5; CoLA's read runs at 3e-3
+        # with or without lr=3e-3: the first listed
+        "| cached:read | 62.50 ± 12.50 / 37.50 ± 12.50 (lr 0.003) | 25.00 ± 0.00 (lr 0.003) † |",
+        "| online:full | 50.00 ± – / 25.00 ± – (lr 2e-05, 1 of 3 seeds) | – |",
+        "| cached:linear | 50.00 ± 0.00 / 50.00 ± 0.00 (lr 0.003) | – |",
+        "| cached:mlp (sep) | 75.00 ± – / 75.00 ± – (lr 0.003, 1 of 3 seeds) | – |",
+    ]

@@ -123,6 +123,7 @@ def candidate(method: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "runs": len(runs),
         "valid_score_mean": mean_std(valid)[0] if len(valid) == len(runs) else None,
         "dev_score_mean": mean_std([float(dev_scores(r)["score"]) for r in runs])[0],
+        "dev": stats([dev_scores(r) for r in runs]),
         "dev_best_on_eval": stats(papers) if whole else None,
         "dev_best_on_eval_max": (
             {k: max(float(s[k]) for s in papers) for k in stats(papers)} if whole else None
