@@ -9,10 +9,11 @@
 #   stores-TASK       TASK's stores only (TASK without -sep: a pair task gets both)
 #   side-TASK         side networks on TASK's stores: one `sidecache sweep` (3 seeds, every spec)
 #   online-TASK       full fine-tuning, LoRA and MEFT on TASK: one `sidecache bench`
-#   table             benchmarks.glue_table over everything under WORK -> WORK/glue.md
+#   table             benchmarks.glue_table over everything under WORK -> WORK/glue.md (and
+#                     .json); EARLIER=T.json adds an earlier table's cells that WORK lacks
 # TASK is one of MRPC, MRPC-sep (MRPC cached with --pairs separate), CoLA, WNLI, WNLI-sep, SST-2.
 # Environment: SEEDS (default 0,1,2), ONLINE_METHODS (the online part's --methods), WORKERS (the
-# sweep's worker processes, default 3), PY, GLUE.
+# sweep's worker processes, default 3), EARLIER (see table), PY, GLUE.
 set -euo pipefail
 WORK=${1:?usage: glue_table.sh WORK PART [PART ...]}
 shift
@@ -83,7 +84,8 @@ for part in "$@"; do
     stores-*) stores "${part#stores-}" ;;
     side-*) side "${part#side-}" ;;
     online-*) online "${part#online-}" ;;
-    table) "$PY" -m benchmarks.glue_table "$WORK/glue.md" "$WORK"/side/* "$WORK"/online/* ;;
+    table) "$PY" -m benchmarks.glue_table "$WORK/glue.md" "$WORK"/side/* "$WORK"/online/* \
+      ${EARLIER:-} ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
