@@ -221,7 +221,9 @@ def merge_earlier(
     rows = {c["row"] for c in mine["chosen"]}
     mine["chosen"] += [c for c in joined["chosen"] if c["row"] not in rows]
     settings = mine["settings"]
-    settings["folders"] = [*settings["folders"], *joined["settings"]["folders"]]
+    settings["folders"] = list(
+        dict.fromkeys([*settings["folders"], *joined["settings"]["folders"]])
+    )
     for key in ("epochs", "seeds"):
         settings[key] = sorted({*settings[key], *joined["settings"][key]})
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -337,5 +338,7 @@ def test_a_run_trained_under_another_default_resumes_only_when_the_spec_says_it(
         run_train(TrainConfig(specs=["linear"], epochs=2, **base))
     resumed = run_train(TrainConfig(specs=["linear:lr=0.001,name=linear"], epochs=2, **base))
     assert resumed["linear"]["epochs"] == 2 and resumed["linear"]["finished"]
-    with pytest.raises(ConfigError, match="holds a run of 'linear:lr=0.001,name=linear'"):
+    with pytest.raises(
+        ConfigError, match=re.escape("holds a run of 'linear:lr=0.001,name=linear'")
+    ):
         run_train(TrainConfig(specs=["linear:lr=0.01,name=linear"], epochs=3, **base))
