@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 
 from pipeline.errors import SidecacheError
+from pipeline.logs import configure_logging
 
 COMMANDS = {
     "cache": "stages.cache",
@@ -31,11 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"sidecache: unknown command {command!r}\n{USAGE}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=os.environ.get("SIDECACHE_LOG", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging()
     module = importlib.import_module(COMMANDS[command])
     try:
         return int(module.main(rest))

@@ -67,13 +67,11 @@ def run_job(job: dict[str, Any], root: Path) -> dict[str, Any]:
     )
     job_path.write_text(json.dumps(job))
     busy0, wall0, load0 = _busy_seconds(), time.perf_counter(), os.getloadavg()[0]
-    env = dict(os.environ, SIDECACHE_LOG=os.environ.get("SIDECACHE_LOG", "WARNING"))
     with (folder / f"{job['name']}.log").open("w") as logf:
         done = subprocess.run(
             [sys.executable, "-m", "pipeline.bench.worker", str(job_path)],
             stdout=logf,
             stderr=subprocess.STDOUT,
-            env=env,
         )
     wall = time.perf_counter() - wall0
     record = {k: job.get(k) for k in ("kind", "name", "method", "spec", "seed")}
@@ -120,11 +118,13 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     root = Path(cfg.out)
     jobs = plan_jobs(cfg, root)
     log.info(
-        "bench: %d jobs (%d methods x %d seeds), results in %s",
+        "bench: %d jobs (%d methods x %d seeds), results in %s; each job logs its epochs to "
+        "%s/NAME.log",
         len(jobs),
         len(cfg.methods),
         len(cfg.seeds),
         root,
+        root / "jobs",
     )
     records = [run_job(job, root) for job in jobs]
     report = summarise(cfg, records)

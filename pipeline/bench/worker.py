@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from pipeline.bench.config import BenchConfig
+from pipeline.logs import configure_logging
 
 
 def _vmhwm() -> int:
@@ -134,6 +135,7 @@ def worker(job_path: str) -> int:
     """Run one job and write its result (with its costs) next to the job file."""
     from pipeline.backbone import pick_device  # torch only; transformers is never imported
 
+    configure_logging()  # into the job's log file: each epoch's line shows how far it got
     job = json.loads(Path(job_path).read_text())
     device = pick_device(job["config"]["device"])
     cuda = device.type == "cuda"

@@ -183,11 +183,14 @@ def run_online(cfg: OnlineConfig) -> dict[str, Any]:
         ):
             train_step(m, feed(token_batch(train.tok, train.labels, samples, device)), info)
         scores = evaluate(m, feed, dev, task, device)
-        record_epoch(m, epoch, scores, None if valid is None else
-                     evaluate(m, feed, valid, task, device))  # fmt: skip
+        on_valid = None if valid is None else evaluate(m, feed, valid, task, device)
+        record_epoch(m, epoch, scores, on_valid)
+        log.info("%s epoch %d/%d: %s score %.4f%s, %.0f s so far", m.name, epoch + 1, cfg.epochs,
+                 cfg.eval_split, scores["score"],
+                 "" if on_valid is None else f", validation {on_valid['score']:.4f}",
+                 time.perf_counter() - started)  # fmt: skip
         if m.stopped:
             break
-        log.info("%s epoch %d: score %.4f", m.name, epoch + 1, scores["score"])
     return write_metrics(m, device, time.perf_counter() - started)
 
 

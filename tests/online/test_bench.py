@@ -38,6 +38,9 @@ def test_bench_runs_end_to_end_and_writes_the_table(model_dir, glue_dir, tmp_pat
     text = (out / "bench.md").read_text()
     assert "| cached:read:hidden=16 | 1 |" in text and "online:full" in text
     assert (out / "bench.csv").read_text().startswith("method,")
+    # each job's log shows how far it got: one line per epoch
+    log = (out / "jobs" / "online-full-lr=1e-4-s0.log").read_text()
+    assert "full epoch 1/1: dev score" in log, log
 
 
 @pytest.mark.slow  # six subprocesses: ~30 s when idle
