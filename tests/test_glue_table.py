@@ -176,6 +176,22 @@ def test_an_earlier_table_fills_the_cells_no_folder_gives(folders, tmp_path):
         "| cached:read | 90.00 ± 0.00 / 90.00 ± 0.00 (lr 0.001) | 50.00 ± 0.00 (lr 0.003) † |",
         "| online:full | 50.00 ± – / 25.00 ± – (lr 2e-05, 1 of 3 seeds) | – |",
     ]
+    # a table that kept no figures per candidate (as the oldest did): its rows count in the
+    # oracle with their chosen lr's mean, marked ‡
+    old = json.loads(first.with_suffix(".json").read_text())
+    for joined in old["tasks"].values():
+        for entry in joined["chosen"]:
+            for cand in entry["candidates"]:
+                cand.pop("dev_best_on_eval", None), cand.pop("dev_best_on_eval_max", None)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert main([str(out), str(tmp_path / "mrpc-rerun"), str(tmp_path / "old.json")]) == 0
+    lines = out.read_text().splitlines()
+    at = lines.index("| task | mode | best configuration, mean over seeds | best single run |")
+    assert lines[at + 2 : at + 5] == [
+        "| MRPC acc | cached ‡ | 90.00 (cached:read, lr 1e-3) | ≥ 90.00 (cached:read, lr 1e-3) |",
+        "| MRPC acc | online ‡ | 62.50 (online:full, lr 2e-5) | – |",
+        "| CoLA MCC | cached ‡ | 50.00 (cached:read, lr 3e-3) | – |",
+    ]
     other = tmp_path / "mrpc-other"
     write_report(other, config("MRPC", [lo], [0], 0.1), rerun[:1])
     with pytest.raises(ConfigError, match="valid-fraction"):
