@@ -8,6 +8,8 @@
 #   stores            every task's train and dev stores (MRPC and WNLI also with --pairs separate)
 #   stores-TASK       TASK's stores only (TASK without -sep: a pair task gets both)
 #   side-TASK         side networks on TASK's stores: one `sidecache sweep` (3 seeds, every spec)
+#   long-TASK         READ and LST on TASK's stores for twice the epochs at 1e-3 and 5e-4: its
+#                     own sweep, as the task TASK-long (the table's "(long)" rows)
 #   online-TASK       full fine-tuning, LoRA and MEFT on TASK: one `sidecache bench`
 #   table             benchmarks.glue_table over everything under WORK -> WORK/glue.md (and
 #                     .json); EARLIER=T.json adds an earlier table's cells that WORK lacks
@@ -15,6 +17,7 @@
 # Environment: SEEDS (default 0,1,2), ONLINE_METHODS (the online part's --methods), WORKERS (the
 # sweep's worker processes, default 3), EARLIER (see table), PY, GLUE.
 set -euo pipefail
+shopt -s nullglob  # the table part takes whichever of side/, long/ and online/ exist
 WORK=${1:?usage: glue_table.sh WORK PART [PART ...]}
 shift
 PY=${PY:-.venv/bin/python}
@@ -78,13 +81,25 @@ online() {  # full fine-tuning at two learning rates, LoRA and MEFT at their def
     --methods "${ONLINE_METHODS:-online:full:lr=2e-5,online:full:lr=5e-5,online:lora,online:meft}"
 }
 
+long() {  # a longer, gentler schedule for READ and LST: epochs doubled, lr 1e-3 and 5e-4
+  local task=$1 lr p="" args=()
+  pair_task "$task" && p="pool=pair,"
+  for lr in 1e-3 5e-4; do
+    args+=(--sidenet "lst:${p}lr=$lr,name=lst-$lr" --sidenet "read:${p}lr=$lr,name=read-$lr")
+  done
+  sidecache sweep --task "$task-long=$WORK/stores/$task/train,$WORK/stores/$task/dev" "${args[@]}" \
+    --seeds "$SEEDS" --epochs "$((2 * $(epochs_of "$task")))" --valid-fraction $VALID \
+    --out "$WORK/long/$task" --workers "${WORKERS:-3}" --threads 1
+}
+
 for part in "$@"; do
   case $part in
     stores) stores MRPC WNLI CoLA SST-2 ;;
     stores-*) stores "${part#stores-}" ;;
     side-*) side "${part#side-}" ;;
+    long-*) long "${part#long-}" ;;
     online-*) online "${part#online-}" ;;
-    table) "$PY" -m benchmarks.glue_table "$WORK/glue.md" "$WORK"/side/* "$WORK"/online/* \
+    table) "$PY" -m benchmarks.glue_table "$WORK/glue.md" "$WORK"/side/* "$WORK"/long/* "$WORK"/online/* \
       ${EARLIER:-} ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
