@@ -402,8 +402,9 @@ def to_markdown(tasks: dict[str, dict[str, Any]], found: list[dict[str, Any]]) -
         "Dev (×100, mean ± sample std over seeds) of each method family at its learning rate and "
         "epoch chosen on samples held out of training (the highest mean validation score over "
         "seeds; every run's epoch chosen on them too); the chosen lr in brackets. † chosen on dev "
-        "itself (the runs held nothing out): optimistic. A row marked (X): the task's stores "
-        "named TASK-X.",
+        "itself (the runs held nothing out): optimistic. A row marked (X): the task's sweep "
+        "named TASK-X (glue_table.sh: (sep) stores cached with --pairs separate, (long) the "
+        "long-TASK part).",
         "",
         *table(tasks, found, "dev"),
         "",
