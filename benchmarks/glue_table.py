@@ -336,14 +336,16 @@ def oracle(tasks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Per task and mode (cached, online): the configuration (family, variant, lr) with the best
     mean dev at dev's own epoch, on the task's first metric, and the best single run of any
     configuration. Both choose on dev: a ceiling of what was tried, to tell a target out of
-    reach from a choice that missed it, never a result. An earlier table's rows kept no figures
-    per run and per learning rate: they count with their chosen lr's mean only, and the result
-    says ``partial``."""
+    reach from a choice that missed it, never a result. The best mean is taken over the
+    configurations that ran every seed of the task (a mean of fewer seeds is no match for
+    them); only where none did, over all, saying of how many seeds. An earlier table's rows
+    kept no figures per run and per learning rate: they count with their chosen lr's mean
+    only, and the result says ``partial``."""
     out = []
     for task, joined in tasks.items():
-        metric = metrics_of(task)[0]
+        metric, seeds = metrics_of(task)[0], len(joined["settings"]["seeds"])
         for mode in ("cached", "online"):
-            best: tuple[float, str, str] | None = None
+            means: list[tuple[float, str, str, int]] = []
             top: tuple[float, str, str] | None = None
             partial = False
             for entry in joined["chosen"]:
@@ -355,14 +357,17 @@ def oracle(tasks: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                         mean, partial = entry["dev_best_on_eval"], True
                     if not mean or metric not in mean:
                         continue
-                    here = (mean[metric]["mean"], entry["row"], cand["lr"])
-                    best = here if best is None or here[0] > best[0] else best
+                    runs = cand.get("runs", entry.get("runs", seeds))
+                    means.append((mean[metric]["mean"], entry["row"], cand["lr"], runs))
                     if peak:
                         one = (peak[metric], entry["row"], cand["lr"])
                         top = one if top is None or one[0] > top[0] else top
-            if best is not None:
+            full = [m for m in means if m[3] >= seeds] or means
+            if full:
+                best = max(full, key=lambda m: m[0])  # ties: the first found
                 out.append({"task": task, "mode": mode, "metric": metric, "partial": partial,
                             "best_mean": best[0], "best_mean_row": best[1], "best_mean_lr": best[2],
+                            "best_mean_runs": best[3], "seeds": seeds,
                             "best_run": top and top[0], "best_run_row": top and top[1],
                             "best_run_lr": top and top[2]})  # fmt: skip
     return out
@@ -374,7 +379,8 @@ def oracle_lines(found: list[dict[str, Any]]) -> list[str]:
     lines = [
         "Oracle, chosen on dev (a ceiling of what was tried, not a result): per task, the "
         "configuration (every family and learning rate) with the best mean dev at dev's own "
-        "epoch, and the best single run of any configuration. ‡ some rows come from an earlier "
+        "epoch (among those that ran every seed), and the best single run of any "
+        "configuration. ‡ some rows come from an earlier "
         "table, which kept only its chosen learning rate's mean: those count with that alone, "
         "and the best single run is the best of the rows that kept their runs (≥).",
         "",
@@ -390,9 +396,14 @@ def oracle_lines(found: list[dict[str, Any]]) -> list[str]:
             if o["best_run"] is not None
             else "–"
         )
+        few = (
+            ""
+            if o["best_mean_runs"] >= o["seeds"]
+            else f", {o['best_mean_runs']} of {o['seeds']} seeds"
+        )
         lines.append(
             f"| {o['task']} {metric} | {o['mode']}{mark} | {100 * o['best_mean']:.2f} "
-            f"({o['best_mean_row']}, lr {o['best_mean_lr']}) | {run} |"
+            f"({o['best_mean_row']}, lr {o['best_mean_lr']}{few}) | {run} |"
         )
     return ["", *lines]
 
