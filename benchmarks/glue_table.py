@@ -64,6 +64,7 @@ class Part:
     runs: list[dict[str, Any]]
     epochs: set[int] = field(default_factory=set)
     seeds: set[int] = field(default_factory=set)
+    sweep: bool = False  # a sweep trains every side network of its task (and variant) anew
 
 
 def task_name(data: str) -> str:
@@ -134,7 +135,7 @@ def sweep_parts(folder: Path) -> list[Part]:
         methods += sorted({r["method"] for r in runs} - set(methods))
         parts.append(Part(task, variant, task_dir, {"valid_fraction": fractions.pop()}, methods,
                           runs, {r["payload"]["epochs"] for r in runs},
-                          {r["seed"] for r in runs}))  # fmt: skip
+                          {r["seed"] for r in runs}, sweep=True))  # fmt: skip
     return parts
 
 
@@ -181,7 +182,8 @@ def join_task(task: str, parts: list[Part]) -> dict[str, Any]:
         for entry in choose(methods, [r for p in mine for r in p.runs]):
             entry["row"] = entry["family"] + (f" ({variant})" if variant else "")
             chosen.append(entry)
-    return {"settings": settings, "chosen": chosen}
+    swept = sorted({p.variant for p in parts if p.sweep})
+    return {"settings": settings, "chosen": chosen, "swept": swept}
 
 
 def load_tasks(folders: list[Path]) -> dict[str, dict[str, Any]]:
@@ -206,7 +208,9 @@ def merge_earlier(
     tasks: dict[str, dict[str, Any]], task: str, joined: dict[str, Any], path: Path
 ) -> None:
     """Add an earlier table's rows of ``task`` (from ``path``) that ``tasks`` lacks; its
-    settings must agree with the folders' (the SHARED keys both record)."""
+    settings must agree with the folders' (the SHARED keys both record). A sweep of the task
+    (and variant) among the folders replaces every side-network row the earlier table had
+    there, also those it names otherwise (specs change between sweeps)."""
     if task not in tasks:
         tasks[task] = joined
         return
@@ -218,8 +222,13 @@ def merge_earlier(
                 f"{joined['settings'][key]!r}, the folders {mine['settings'][key]!r}: their "
                 "scores do not compare; leave that table out, or re-run its runs"
             )
-    rows = {c["row"] for c in mine["chosen"]}
-    mine["chosen"] += [c for c in joined["chosen"] if c["row"] not in rows]
+    rows, swept = {c["row"] for c in mine["chosen"]}, set(mine.get("swept", []))
+
+    def replaced(c: dict[str, Any]) -> bool:
+        variant = c["row"][len(c["family"]) :].strip(" ()")
+        return c["row"] in rows or (c["family"].startswith("cached:") and variant in swept)
+
+    mine["chosen"] += [c for c in joined["chosen"] if not replaced(c)]
     settings = mine["settings"]
     settings["folders"] = list(
         dict.fromkeys([*settings["folders"], *joined["settings"]["folders"]])

@@ -219,3 +219,19 @@ def test_a_table_at_each_kinds_default_learning_rate(folders, tmp_path):
         "| cached:linear | 50.00 ± 0.00 / 50.00 ± 0.00 (lr 0.003) | – |",
         "| cached:mlp (sep) | 75.00 ± – / 75.00 ± – (lr 0.003, 1 of 3 seeds) | – |",
     ]
+
+
+def test_a_new_sweep_replaces_the_earlier_tables_side_networks_of_its_task(folders, tmp_path):
+    first = tmp_path / "first.md"
+    assert main([str(first), *map(str, folders)]) == 0
+    # MRPC-sep swept again with its MLP named otherwise: the earlier "cached:mlp (sep)" row
+    # goes; MRPC's own side networks and every online row stay
+    spec = "cached:mlp:pool=mean,lr=3e-3,name=mlp-mean-3e-3"
+    again = [run(spec, s, mrpc(0.5, 0.5), valid=0.5, dev_best=mrpc(0.5, 0.5)) for s in (0, 1, 2)]
+    write_sweep(tmp_path / "side-sep-again", "MRPC-sep", again)
+    out = tmp_path / "second.md"
+    assert main([str(out), str(tmp_path / "side-sep-again"), str(first.with_suffix(".json"))]) == 0
+    rows = [line.split(" | ")[0][2:] for line in out.read_text().splitlines()]
+    dev = rows[rows.index("method") + 2 :]
+    assert dev[: dev.index("")] == [
+        "cached:mlp:pool=mean (sep)", "cached:read", "online:full", "cached:linear"]  # fmt: skip
