@@ -66,13 +66,15 @@ side_specs() {
   echo "lst:${p}init=pruned,lr=3e-3,name=lst-pruned-3e-3"
 }
 
-side() {
-  local task=$1 args=()
-  while read -r spec; do args+=(--sidenet "$spec"); done < <(side_specs "$task")
-  sidecache sweep --task "$task=$WORK/stores/$task/train,$WORK/stores/$task/dev" "${args[@]}" \
-    --seeds "$SEEDS" --epochs "$(epochs_of "$task")" --valid-fraction $VALID \
-    --out "$WORK/side/$task" --workers "${WORKERS:-3}" --threads 1
+sweep() {  # sweep NAME TASK EPOCHS OUT: the specs on stdin, on TASK's stores, as the task NAME
+  local name=$1 task=$2 epochs=$3 out=$4 spec args=()
+  while read -r spec; do args+=(--sidenet "$spec"); done
+  sidecache sweep --task "$name=$WORK/stores/$task/train,$WORK/stores/$task/dev" "${args[@]}" \
+    --seeds "$SEEDS" --epochs "$epochs" --valid-fraction $VALID \
+    --out "$out" --workers "${WORKERS:-3}" --threads 1
 }
+
+side() { sweep "$1" "$1" "$(epochs_of "$1")" "$WORK/side/$1" < <(side_specs "$1"); }
 
 online() {  # full fine-tuning at two learning rates, LoRA and MEFT at their defaults
   local task=$1
@@ -81,16 +83,16 @@ online() {  # full fine-tuning at two learning rates, LoRA and MEFT at their def
     --methods "${ONLINE_METHODS:-online:full:lr=2e-5,online:full:lr=5e-5,online:lora,online:meft}"
 }
 
-long() {  # a longer, gentler schedule for READ and LST: epochs doubled, lr 1e-3 and 5e-4
-  local task=$1 lr p="" args=()
-  pair_task "$task" && p="pool=pair,"
+long_specs() {  # a longer, gentler schedule for READ and LST: lr 1e-3 and 5e-4
+  local lr p=""
+  pair_task "$1" && p="pool=pair,"
   for lr in 1e-3 5e-4; do
-    args+=(--sidenet "lst:${p}lr=$lr,name=lst-$lr" --sidenet "read:${p}lr=$lr,name=read-$lr")
+    echo "lst:${p}lr=$lr,name=lst-$lr"
+    echo "read:${p}lr=$lr,name=read-$lr"
   done
-  sidecache sweep --task "$task-long=$WORK/stores/$task/train,$WORK/stores/$task/dev" "${args[@]}" \
-    --seeds "$SEEDS" --epochs "$((2 * $(epochs_of "$task")))" --valid-fraction $VALID \
-    --out "$WORK/long/$task" --workers "${WORKERS:-3}" --threads 1
 }
+
+long() { sweep "$1-long" "$1" "$((2 * $(epochs_of "$1")))" "$WORK/long/$1" < <(long_specs "$1"); }
 
 for part in "$@"; do
   case $part in
@@ -99,8 +101,8 @@ for part in "$@"; do
     side-*) side "${part#side-}" ;;
     long-*) long "${part#long-}" ;;
     online-*) online "${part#online-}" ;;
-    table) "$PY" -m benchmarks.glue_table "$WORK/glue.md" "$WORK"/side/* "$WORK"/long/* "$WORK"/online/* \
-      ${EARLIER:-} ;;
+    table) "$PY" -m benchmarks.glue_table "$WORK/glue.md" "$WORK"/side/* "$WORK"/long/* \
+      "$WORK"/online/* ${EARLIER:-} ;;
     *) echo "unknown part $part" >&2; exit 2 ;;
   esac
 done
